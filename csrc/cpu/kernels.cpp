@@ -1,0 +1,266 @@
+// CPU kernels: one pass per parameter, block by block (8-bit) or element by element
+// (32-bit), threads over whole blocks with at::parallel_for.
+//
+// Invariance (DESIGN §3.1): blocks are cut from the row start, each element takes the
+// same IEEE operations (no contraction, no approximations: see _build.py's flags), and
+// reductions run in a fixed order inside a block or row, so results do not depend on
+// the thread count or on where a row sits in memory.
+#include "kernels.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <mutex>
+
+namespace distopt::cpu {
+namespace {
+
+constexpr int64_t kBlockGrain = 16;     // blocks per parallel task
+constexpr int64_t kElementGrain = 4096;  // elements per parallel task
+
+template <typename P>
+float load(P x) {
+  return static_cast<float>(x);
+}
+
+bool all_finite(const float* x, int64_t n) {
+  bool finite = true;
+  for (int64_t i = 0; i < n; ++i) finite &= std::isfinite(x[i]);
+  return finite;
+}
+
+float max_abs(const float* x, int64_t n) {
+  float m = 0.0f;
+  for (int64_t i = 0; i < n; ++i) m = maximum(m, std::fabs(x[i]));
+  return m;
+}
+
+void encode_block(const float* x, int64_t n, float absmax, const Codebook& book, uint8_t* codes) {
+  const float inv = inverse_absmax(absmax);
+  for (int64_t i = 0; i < n; ++i) codes[i] = encode(book.mid, x[i] * inv);
+}
+
+// Where block `b` of a parameter lies: its first element and its length.
+struct BlockSpan {
+  int64_t start;
+  int64_t length;
+};
+
+BlockSpan block_span(int64_t b, int64_t row_length) {
+  const int64_t per_row = ceil_div(row_length, kBlockSize);
+  const int64_t row = b / per_row, j = b % per_row;
+  return {row * row_length + j * kBlockSize, std::min(kBlockSize, row_length - j * kBlockSize)};
+}
+
+// The 8-bit driver: for each block, dequantize the states, apply `rule` to each element
+// whose block has a finite gradient, then requantize. With `max_out` it only computes
+// the largest new magnitude of each state (for block_wise=false) and writes nothing.
+//
+// Non-finite gradients (DESIGN §3.5): block-wise, the whole block is left untouched;
+// with one absmax per tensor, its parameters are untouched and its states carry their
+// old values forward, re-encoded with the new absmax.
+template <typename P, typename Rule>
+void run_8bit(const Blocked8bit<P>& a, const Rule& rule, float* max_out) {
+  const int ns = a.nstates;
+  Codebook books[3];
+  for (int s = 0; s < ns; ++s) make_codebook(a.state[s].qmap, books[s]);
+  const int64_t nblocks = a.rows * ceil_div(a.row_length, kBlockSize);
+  std::atomic<int64_t> skipped{0};
+  std::mutex max_mutex;
+  float max_all[3] = {0.0f, 0.0f, 0.0f};
+
+  at::parallel_for(0, nblocks, kBlockGrain, [&](int64_t begin, int64_t end) {
+    float p[kBlockSize], g[kBlockSize], st[3][kBlockSize];
+    float local_max[3] = {0.0f, 0.0f, 0.0f};
+    int64_t local_skipped = 0;
+    for (int64_t b = begin; b < end; ++b) {
+      const BlockSpan span = block_span(b, a.row_length);
+      const int64_t n = span.length, at = span.start, ai = a.block_wise ? b : 0;
+      for (int64_t i = 0; i < n; ++i) g[i] = load(a.grad[at + i]);
+      const bool finite = all_finite(g, n);
+      for (int s = 0; s < ns; ++s) {
+        const float scale = a.state[s].absmax[ai];
+        const uint8_t* codes = a.state[s].codes + at;
+        for (int64_t i = 0; i < n; ++i) st[s][i] = books[s].value[codes[i]] * scale;
+      }
+      if (finite) {
+        for (int64_t i = 0; i < n; ++i) {
+          p[i] = load(a.param[at + i]);
+          float e[3] = {st[0][i], st[1][i], st[2][i]};
+          rule(p[i], g[i] * a.gnorm_scale, e);
+          for (int s = 0; s < ns; ++s) st[s][i] = e[s];
+        }
+      } else {
+        local_skipped += n;
+      }
+      if (max_out != nullptr) {
+        for (int s = 0; s < ns; ++s) local_max[s] = maximum(local_max[s], max_abs(st[s], n));
+        continue;
+      }
+      if (!finite && a.block_wise) continue;
+      for (int s = 0; s < ns; ++s) {
+        const float absmax = a.block_wise ? max_abs(st[s], n) : a.new_absmax[s];
+        encode_block(st[s], n, absmax, books[s], a.state[s].codes + at);
+        if (a.block_wise) a.state[s].absmax[b] = absmax;
+      }
+      if (finite) {
+        for (int64_t i = 0; i < n; ++i) a.param[at + i] = static_cast<P>(p[i]);
+      }
+    }
+    skipped += local_skipped;
+    if (max_out != nullptr) {
+      std::lock_guard<std::mutex> lock(max_mutex);
+      for (int s = 0; s < ns; ++s) max_all[s] = maximum(max_all[s], local_max[s]);
+    }
+  });
+
+  if (max_out != nullptr) {
+    for (int s = 0; s < ns; ++s) max_out[s] = max_all[s];
+    return;
+  }
+  if (!a.block_wise) {
+    for (int s = 0; s < ns; ++s) a.state[s].absmax[0] = a.new_absmax[s];
+  }
+  *a.nonfinite_count += skipped.load();
+}
+
+// The 32-bit driver: elementwise; a non-finite gradient leaves its element untouched.
+template <typename P, typename Rule>
+void run_32bit(const Elementwise32bit<P>& a, const Rule& rule) {
+  std::atomic<int64_t> skipped{0};
+  at::parallel_for(0, a.numel, kElementGrain, [&](int64_t begin, int64_t end) {
+    int64_t local_skipped = 0;
+    for (int64_t i = begin; i < end; ++i) {
+      const float g = load(a.grad[i]);
+      if (!std::isfinite(g)) {
+        ++local_skipped;
+        continue;
+      }
+      float p = load(a.param[i]);
+      float e[3] = {0.0f, 0.0f, 0.0f};
+      for (int s = 0; s < a.nstates; ++s) e[s] = a.state[s][i];
+      rule(p, g * a.gnorm_scale, e);
+      for (int s = 0; s < a.nstates; ++s) a.state[s][i] = e[s];
+      a.param[i] = static_cast<P>(p);
+    }
+    skipped += local_skipped;
+  });
+  *a.nonfinite_count += skipped.load();
+}
+
+struct AdamWRule {
+  AdamWCoeffs c;
+  bool amsgrad;
+  void operator()(float& p, float g, float* e) const {
+    adamw_element(p, g, e[0], e[1], amsgrad ? &e[2] : nullptr, c);
+  }
+};
+
+struct SGDRule {
+  SGDCoeffs c;
+  bool has_buffer;
+  void operator()(float& p, float g, float* e) const {
+    sgd_element(p, g, has_buffer ? &e[0] : nullptr, c);
+  }
+};
+
+}  // namespace
+
+template <typename P>
+void adamw8bit(const Blocked8bit<P>& a, const AdamWCoeffs& c) {
+  run_8bit(a, AdamWRule{c, a.nstates == 3}, nullptr);
+}
+template <typename P>
+void adamw8bit_new_absmax(const Blocked8bit<P>& a, const AdamWCoeffs& c, float* out) {
+  run_8bit(a, AdamWRule{c, a.nstates == 3}, out);
+}
+template <typename P>
+void sgd8bit(const Blocked8bit<P>& a, const SGDCoeffs& c) {
+  run_8bit(a, SGDRule{c, true}, nullptr);
+}
+template <typename P>
+void sgd8bit_new_absmax(const Blocked8bit<P>& a, const SGDCoeffs& c, float* out) {
+  run_8bit(a, SGDRule{c, true}, out);
+}
+template <typename P>
+void adamw32(const Elementwise32bit<P>& a, const AdamWCoeffs& c) {
+  run_32bit(a, AdamWRule{c, a.nstates == 3});
+}
+template <typename P>
+void sgd32(const Elementwise32bit<P>& a, const SGDCoeffs& c) {
+  run_32bit(a, SGDRule{c, a.nstates == 1});
+}
+
+template <typename P>
+void row_sumsq(const P* grad, int64_t rows, int64_t row_length, float* out) {
+  constexpr int64_t kLanes = 16;
+  at::parallel_for(0, rows, std::max<int64_t>(1, kElementGrain / row_length), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const P* row = grad + r * row_length;
+      float lane[kLanes] = {};
+      for (int64_t i = 0; i < row_length; ++i) {
+        const float x = load(row[i]);
+        lane[i % kLanes] += std::isfinite(x) ? x * x : 0.0f;
+      }
+      for (int64_t width = kLanes / 2; width >= 1; width /= 2) {
+        for (int64_t l = 0; l < width; ++l) lane[l] += lane[l + width];
+      }
+      out[r] = lane[0];
+    }
+  });
+}
+
+void quantize_blockwise(const float* x, int64_t rows, int64_t row_length, bool block_wise,
+                        const float* qmap, uint8_t* codes, float* absmax) {
+  Codebook book;
+  make_codebook(qmap, book);
+  const int64_t nblocks = rows * ceil_div(row_length, kBlockSize);
+  float global = 0.0f;
+  if (!block_wise) {
+    for (int64_t b = 0; b < nblocks; ++b) {
+      const BlockSpan span = block_span(b, row_length);
+      global = maximum(global, max_abs(x + span.start, span.length));
+    }
+    absmax[0] = global;
+  }
+  at::parallel_for(0, nblocks, kBlockGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const BlockSpan span = block_span(b, row_length);
+      const float scale = block_wise ? max_abs(x + span.start, span.length) : global;
+      if (block_wise) absmax[b] = scale;
+      encode_block(x + span.start, span.length, scale, book, codes + span.start);
+    }
+  });
+}
+
+void dequantize_blockwise(const uint8_t* codes, const float* absmax, int64_t rows,
+                          int64_t row_length, bool block_wise, const float* qmap, float* out) {
+  const int64_t nblocks = rows * ceil_div(row_length, kBlockSize);
+  at::parallel_for(0, nblocks, kBlockGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const BlockSpan span = block_span(b, row_length);
+      const float scale = absmax[block_wise ? b : 0];
+      for (int64_t i = 0; i < span.length; ++i)
+        out[span.start + i] = qmap[codes[span.start + i]] * scale;
+    }
+  });
+}
+
+#define DISTOPT_INSTANTIATE(P)                                                              \
+  template void adamw8bit<P>(const Blocked8bit<P>&, const AdamWCoeffs&);                    \
+  template void adamw8bit_new_absmax<P>(const Blocked8bit<P>&, const AdamWCoeffs&, float*); \
+  template void sgd8bit<P>(const Blocked8bit<P>&, const SGDCoeffs&);                        \
+  template void sgd8bit_new_absmax<P>(const Blocked8bit<P>&, const SGDCoeffs&, float*);     \
+  template void adamw32<P>(const Elementwise32bit<P>&, const AdamWCoeffs&);                 \
+  template void sgd32<P>(const Elementwise32bit<P>&, const SGDCoeffs&);                     \
+  template void row_sumsq<P>(const P*, int64_t, int64_t, float*);
+
+DISTOPT_INSTANTIATE(float)
+DISTOPT_INSTANTIATE(c10::BFloat16)
+DISTOPT_INSTANTIATE(c10::Half)
+
+}  // namespace distopt::cpu

@@ -1,0 +1,282 @@
+// The CPU tensor boundary: checks every tensor, dispatches on the parameter dtype,
+// fills the kernels' raw-pointer structs (csrc/cpu/kernels.h) and registers the CPU
+// implementations of the schemas in csrc/registration.cpp.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "kernels.h"
+
+namespace distopt::cpu {
+namespace {
+
+using at::Tensor;
+
+int64_t rows_of(const Tensor& t) { return t.dim() == 0 ? 1 : t.size(0); }
+int64_t row_length_of(const Tensor& t) { return t.dim() < 2 ? 1 : t.numel() / std::max<int64_t>(t.size(0), 1); }
+
+void check_pair(const Tensor& param, const Tensor& grad) {
+  TORCH_CHECK(param.is_contiguous() && grad.is_contiguous(), "distopt: param and grad must be contiguous");
+  TORCH_CHECK(param.sizes() == grad.sizes(), "distopt: grad shape ", grad.sizes(), " != param shape ", param.sizes());
+  TORCH_CHECK(param.scalar_type() == grad.scalar_type(), "distopt: grad dtype ", grad.scalar_type(),
+              " != param dtype ", param.scalar_type());
+}
+
+void check_state32(const Tensor& param, const Tensor& state, const char* name) {
+  TORCH_CHECK(state.scalar_type() == at::kFloat && state.is_contiguous() && state.sizes() == param.sizes(),
+              "distopt: ", name, " must be a contiguous fp32 tensor shaped like the parameter");
+}
+
+QuantState quant_state(const Tensor& param, const Tensor& codes, const Tensor& absmax, const Tensor& qmap,
+                       const char* name) {
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.sizes() == param.sizes(),
+              "distopt: ", name, " must be contiguous uint8 codes shaped like the parameter");
+  const int64_t blocks = rows_of(param) * ceil_div(row_length_of(param), kBlockSize);
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.is_contiguous() &&
+                  (absmax.numel() == blocks || absmax.numel() == 1),
+              "distopt: ", name, "_absmax must be contiguous fp32 with one value per block or one in all");
+  TORCH_CHECK(qmap.scalar_type() == at::kFloat && qmap.numel() == 256, "distopt: qmap must be 256 fp32 values");
+  return {codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), qmap.data_ptr<float>()};
+}
+
+float scalar_of(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.numel() == 1 && t.scalar_type() == at::kFloat, "distopt: ", name, " must be one fp32 value");
+  return t.item<float>();
+}
+
+int64_t* count_of(const Tensor& t) {
+  TORCH_CHECK(t.numel() == 1 && t.scalar_type() == at::kLong, "distopt: nonfinite_count must be one int64 value");
+  return t.data_ptr<int64_t>();
+}
+
+AdamWCoeffs adamw_coeffs(double decay, double lerp_weight, double beta2, double sq_weight, double eps,
+                         double step_size, double bias_correction2_sqrt) {
+  return {float(decay), float(lerp_weight), float(beta2), float(sq_weight), float(eps), float(step_size),
+          float(bias_correction2_sqrt)};
+}
+
+SGDCoeffs sgd_coeffs(double lr, double weight_decay, double momentum, double dampening_weight, bool nesterov,
+                     bool first_step) {
+  return {float(lr), float(weight_decay), float(momentum), float(dampening_weight), nesterov, first_step};
+}
+
+// Fills the 8-bit struct for dtype P from (codes, absmax, qmap) triples.
+template <typename P>
+Blocked8bit<P> blocked(const Tensor& param, const Tensor& grad, const std::vector<QuantState>& states,
+                       bool block_wise, const c10::optional<Tensor>& new_absmax, const Tensor& gnorm_scale,
+                       int64_t* count) {
+  Blocked8bit<P> a{};
+  a.param = param.data_ptr<P>();
+  a.grad = grad.data_ptr<P>();
+  a.rows = rows_of(param);
+  a.row_length = row_length_of(param);
+  a.block_wise = block_wise;
+  a.nstates = static_cast<int>(states.size());
+  for (size_t s = 0; s < states.size(); ++s) a.state[s] = states[s];
+  a.new_absmax = new_absmax.has_value() ? new_absmax->data_ptr<float>() : nullptr;
+  a.gnorm_scale = scalar_of(gnorm_scale, "gnorm_scale");
+  a.nonfinite_count = count;
+  return a;
+}
+
+// Whether the states use one absmax per tensor; then new_absmax must be given (updates).
+bool block_wise_of(const Tensor& param, const Tensor& absmax, const c10::optional<Tensor>& new_absmax,
+                   size_t nstates, bool need_new) {
+  const bool block_wise = !new_absmax.has_value();
+  if (!block_wise) {
+    TORCH_CHECK(absmax.numel() == 1, "distopt: new_absmax is only for states with one absmax per tensor");
+    TORCH_CHECK(new_absmax->scalar_type() == at::kFloat && new_absmax->is_contiguous() &&
+                    new_absmax->numel() == static_cast<int64_t>(nstates),
+                "distopt: new_absmax must hold one fp32 value per state");
+  } else if (need_new) {
+    const int64_t blocks = rows_of(param) * ceil_div(row_length_of(param), kBlockSize);
+    TORCH_CHECK(absmax.numel() == blocks, "distopt: states with one absmax per tensor need new_absmax");
+  }
+  return block_wise;
+}
+
+std::vector<QuantState> adamw_states(const Tensor& param, const Tensor& m, const Tensor& m_absmax,
+                                     const Tensor& v, const Tensor& v_absmax, const c10::optional<Tensor>& vmax,
+                                     const c10::optional<Tensor>& vmax_absmax, const Tensor& signed_qmap,
+                                     const Tensor& unsigned_qmap) {
+  std::vector<QuantState> s{quant_state(param, m, m_absmax, signed_qmap, "exp_avg"),
+                            quant_state(param, v, v_absmax, unsigned_qmap, "exp_avg_sq")};
+  TORCH_CHECK(vmax.has_value() == vmax_absmax.has_value(), "distopt: max_exp_avg_sq needs its absmax");
+  if (vmax.has_value()) s.push_back(quant_state(param, *vmax, *vmax_absmax, unsigned_qmap, "max_exp_avg_sq"));
+  TORCH_CHECK(m_absmax.numel() == v_absmax.numel(), "distopt: all states must share one block layout");
+  return s;
+}
+
+// Calls f with a value of the parameter's C++ type: float, c10::BFloat16 or c10::Half.
+template <typename F>
+void dispatch_dtype(const Tensor& param, const char* op, F&& f) {
+  switch (param.scalar_type()) {
+    case at::kFloat: return f(float{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    case at::kHalf: return f(c10::Half{});
+    default: TORCH_CHECK(false, "distopt::", op, ": unsupported dtype ", param.scalar_type(),
+                         " (float32, bfloat16 and float16 are supported)");
+  }
+}
+
+void adamw8bit_op(Tensor param, const Tensor& grad, Tensor m, Tensor m_absmax, Tensor v, Tensor v_absmax,
+                c10::optional<Tensor> vmax, c10::optional<Tensor> vmax_absmax, const Tensor& signed_qmap,
+                const Tensor& unsigned_qmap, const c10::optional<Tensor>& new_absmax, const Tensor& gnorm_scale,
+                Tensor nonfinite_count, double decay, double lerp_weight, double beta2, double sq_weight,
+                double eps, double step_size, double bias_correction2_sqrt) {
+  check_pair(param, grad);
+  auto states = adamw_states(param, m, m_absmax, v, v_absmax, vmax, vmax_absmax, signed_qmap, unsigned_qmap);
+  const bool block_wise = block_wise_of(param, m_absmax, new_absmax, states.size(), true);
+  const auto c = adamw_coeffs(decay, lerp_weight, beta2, sq_weight, eps, step_size, bias_correction2_sqrt);
+  dispatch_dtype(param, "adamw8bit_", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    adamw8bit(blocked<scalar_t>(param, grad, states, block_wise, new_absmax, gnorm_scale, count_of(nonfinite_count)),
+              c);
+  });
+}
+
+Tensor adamw8bit_new_absmax_op(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& m_absmax,
+                            const Tensor& v, const Tensor& v_absmax, const c10::optional<Tensor>& vmax,
+                            const c10::optional<Tensor>& vmax_absmax, const Tensor& signed_qmap,
+                            const Tensor& unsigned_qmap, const Tensor& gnorm_scale, double decay,
+                            double lerp_weight, double beta2, double sq_weight, double eps, double step_size,
+                            double bias_correction2_sqrt) {
+  check_pair(param, grad);
+  auto states = adamw_states(param, m, m_absmax, v, v_absmax, vmax, vmax_absmax, signed_qmap, unsigned_qmap);
+  TORCH_CHECK(m_absmax.numel() == 1, "distopt: adamw8bit_new_absmax is for states with one absmax per tensor");
+  Tensor out = at::zeros({static_cast<int64_t>(states.size())}, param.options().dtype(at::kFloat));
+  const auto c = adamw_coeffs(decay, lerp_weight, beta2, sq_weight, eps, step_size, bias_correction2_sqrt);
+  dispatch_dtype(param, "adamw8bit_new_absmax", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    adamw8bit_new_absmax(blocked<scalar_t>(param, grad, states, false, c10::nullopt, gnorm_scale, nullptr), c,
+                         out.data_ptr<float>());
+  });
+  return out;
+}
+
+void sgd8bit_op(Tensor param, const Tensor& grad, Tensor buf, Tensor buf_absmax, const Tensor& signed_qmap,
+              const c10::optional<Tensor>& new_absmax, const Tensor& gnorm_scale, Tensor nonfinite_count, double lr,
+              double weight_decay, double momentum, double dampening_weight, bool nesterov, bool first_step) {
+  check_pair(param, grad);
+  std::vector<QuantState> states{quant_state(param, buf, buf_absmax, signed_qmap, "momentum_buffer")};
+  const bool block_wise = block_wise_of(param, buf_absmax, new_absmax, 1, true);
+  const auto c = sgd_coeffs(lr, weight_decay, momentum, dampening_weight, nesterov, first_step);
+  dispatch_dtype(param, "sgd8bit_", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    sgd8bit(blocked<scalar_t>(param, grad, states, block_wise, new_absmax, gnorm_scale, count_of(nonfinite_count)), c);
+  });
+}
+
+Tensor sgd8bit_new_absmax_op(const Tensor& param, const Tensor& grad, const Tensor& buf, const Tensor& buf_absmax,
+                          const Tensor& signed_qmap, const Tensor& gnorm_scale, double lr, double weight_decay,
+                          double momentum, double dampening_weight, bool nesterov, bool first_step) {
+  check_pair(param, grad);
+  std::vector<QuantState> states{quant_state(param, buf, buf_absmax, signed_qmap, "momentum_buffer")};
+  TORCH_CHECK(buf_absmax.numel() == 1, "distopt: sgd8bit_new_absmax is for states with one absmax per tensor");
+  Tensor out = at::zeros({1}, param.options().dtype(at::kFloat));
+  const auto c = sgd_coeffs(lr, weight_decay, momentum, dampening_weight, nesterov, first_step);
+  dispatch_dtype(param, "sgd8bit_new_absmax", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    sgd8bit_new_absmax(blocked<scalar_t>(param, grad, states, false, c10::nullopt, gnorm_scale, nullptr), c,
+                       out.data_ptr<float>());
+  });
+  return out;
+}
+
+template <typename P>
+Elementwise32bit<P> elementwise(const Tensor& param, const Tensor& grad, const std::vector<Tensor>& states,
+                                const Tensor& gnorm_scale, const Tensor& nonfinite_count) {
+  Elementwise32bit<P> a{};
+  a.param = param.data_ptr<P>();
+  a.grad = grad.data_ptr<P>();
+  a.numel = param.numel();
+  a.nstates = static_cast<int>(states.size());
+  for (size_t s = 0; s < states.size(); ++s) a.state[s] = states[s].data_ptr<float>();
+  a.gnorm_scale = scalar_of(gnorm_scale, "gnorm_scale");
+  a.nonfinite_count = count_of(nonfinite_count);
+  return a;
+}
+
+void adamw32_op(Tensor param, const Tensor& grad, Tensor m, Tensor v, c10::optional<Tensor> vmax,
+              const Tensor& gnorm_scale, Tensor nonfinite_count, double decay, double lerp_weight, double beta2,
+              double sq_weight, double eps, double step_size, double bias_correction2_sqrt) {
+  check_pair(param, grad);
+  std::vector<Tensor> states{m, v};
+  if (vmax.has_value()) states.push_back(*vmax);
+  for (const auto& s : states) check_state32(param, s, "adamw32_ state");
+  const auto c = adamw_coeffs(decay, lerp_weight, beta2, sq_weight, eps, step_size, bias_correction2_sqrt);
+  dispatch_dtype(param, "adamw32_", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    adamw32(elementwise<scalar_t>(param, grad, states, gnorm_scale, nonfinite_count), c);
+  });
+}
+
+void sgd32_op(Tensor param, const Tensor& grad, c10::optional<Tensor> buf, const Tensor& gnorm_scale,
+            Tensor nonfinite_count, double lr, double weight_decay, double momentum, double dampening_weight,
+            bool nesterov, bool first_step) {
+  check_pair(param, grad);
+  std::vector<Tensor> states;
+  if (buf.has_value()) {
+    check_state32(param, *buf, "momentum_buffer");
+    states.push_back(*buf);
+  }
+  const auto c = sgd_coeffs(lr, weight_decay, momentum, dampening_weight, nesterov, first_step);
+  dispatch_dtype(param, "sgd32_", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    sgd32(elementwise<scalar_t>(param, grad, states, gnorm_scale, nonfinite_count), c);
+  });
+}
+
+Tensor row_sumsq_op(const Tensor& grad) {
+  TORCH_CHECK(grad.is_contiguous(), "distopt: row_sumsq needs a contiguous gradient");
+  Tensor out = at::empty({rows_of(grad)}, grad.options().dtype(at::kFloat));
+  if (grad.numel() == 0) return out.zero_();
+  dispatch_dtype(grad, "row_sumsq", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    row_sumsq(grad.data_ptr<scalar_t>(), rows_of(grad), row_length_of(grad), out.data_ptr<float>());
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor> quantize_blockwise_op(const Tensor& x, const Tensor& qmap, bool block_wise) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "distopt: quantize_blockwise takes contiguous fp32");
+  TORCH_CHECK(qmap.scalar_type() == at::kFloat && qmap.numel() == 256, "distopt: qmap must be 256 fp32 values");
+  const int64_t rows = rows_of(x), blocks_per_row = ceil_div(row_length_of(x), kBlockSize);
+  Tensor codes = at::empty(x.sizes(), x.options().dtype(at::kByte));
+  Tensor absmax = block_wise ? at::zeros({rows, blocks_per_row}, x.options()) : at::zeros({1}, x.options());
+  if (x.numel() > 0)
+    quantize_blockwise(x.data_ptr<float>(), rows, row_length_of(x), block_wise, qmap.data_ptr<float>(),
+                       codes.data_ptr<uint8_t>(), absmax.data_ptr<float>());
+  return {codes, absmax};
+}
+
+Tensor dequantize_blockwise_op(const Tensor& codes, const Tensor& absmax, const Tensor& qmap) {
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous(), "distopt: codes must be contiguous uint8");
+  TORCH_CHECK(qmap.scalar_type() == at::kFloat && qmap.numel() == 256, "distopt: qmap must be 256 fp32 values");
+  const int64_t blocks = rows_of(codes) * ceil_div(row_length_of(codes), kBlockSize);
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.is_contiguous() &&
+                  (absmax.numel() == blocks || absmax.numel() == 1),
+              "distopt: absmax must be contiguous fp32 with one value per block or one in all");
+  Tensor out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
+  const bool block_wise = absmax.numel() == blocks;
+  if (codes.numel() > 0)
+    dequantize_blockwise(codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), rows_of(codes), row_length_of(codes),
+                         block_wise, qmap.data_ptr<float>(), out.data_ptr<float>());
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(distopt, CPU, m) {
+  m.impl("adamw32_", &adamw32_op);
+  m.impl("adamw8bit_", &adamw8bit_op);
+  m.impl("adamw8bit_new_absmax", &adamw8bit_new_absmax_op);
+  m.impl("sgd32_", &sgd32_op);
+  m.impl("sgd8bit_", &sgd8bit_op);
+  m.impl("sgd8bit_new_absmax", &sgd8bit_new_absmax_op);
+  m.impl("row_sumsq", &row_sumsq_op);
+  m.impl("quantize_blockwise", &quantize_blockwise_op);
+  m.impl("dequantize_blockwise", &dequantize_blockwise_op);
+}
+
+}  // namespace distopt::cpu

@@ -1,0 +1,47 @@
+// Every distopt op schema, written once. Backends add implementations with
+// TORCH_LIBRARY_IMPL(distopt, <Key>, m) in csrc/<backend>/ops.*.
+//
+// Conventions: updates are in place (`_` suffix) on the parameter and its state; a
+// 0-d int64 `nonfinite_count` accumulates the elements whose update was skipped
+// because their gradient (or its block's) was not finite; `gnorm_scale` is a 0-d fp32
+// tensor multiplying the gradient (percentile clipping). Scalars are the update's
+// coefficients computed by distopt.functional in double and used in fp32.
+#include <torch/library.h>
+
+TORCH_LIBRARY(distopt, m) {
+  m.def(
+      "adamw32_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+      "Tensor(d!)? max_exp_avg_sq, Tensor gnorm_scale, Tensor(e!) nonfinite_count, "
+      "float decay, float lerp_weight, float beta2, float sq_weight, float eps, "
+      "float step_size, float bias_correction2_sqrt) -> ()");
+  m.def(
+      "adamw8bit_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_absmax, "
+      "Tensor(d!) exp_avg_sq, Tensor(e!) exp_avg_sq_absmax, Tensor(f!)? max_exp_avg_sq, "
+      "Tensor(g!)? max_exp_avg_sq_absmax, Tensor signed_qmap, Tensor unsigned_qmap, "
+      "Tensor? new_absmax, Tensor gnorm_scale, Tensor(h!) nonfinite_count, "
+      "float decay, float lerp_weight, float beta2, float sq_weight, float eps, "
+      "float step_size, float bias_correction2_sqrt) -> ()");
+  m.def(
+      "adamw8bit_new_absmax(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_absmax, "
+      "Tensor exp_avg_sq, Tensor exp_avg_sq_absmax, Tensor? max_exp_avg_sq, "
+      "Tensor? max_exp_avg_sq_absmax, Tensor signed_qmap, Tensor unsigned_qmap, "
+      "Tensor gnorm_scale, float decay, float lerp_weight, float beta2, float sq_weight, "
+      "float eps, float step_size, float bias_correction2_sqrt) -> Tensor");
+  m.def(
+      "sgd32_(Tensor(a!) param, Tensor grad, Tensor(b!)? momentum_buffer, Tensor gnorm_scale, "
+      "Tensor(c!) nonfinite_count, float lr, float weight_decay, float momentum, "
+      "float dampening_weight, bool nesterov, bool first_step) -> ()");
+  m.def(
+      "sgd8bit_(Tensor(a!) param, Tensor grad, Tensor(b!) momentum_buffer, "
+      "Tensor(c!) momentum_buffer_absmax, Tensor signed_qmap, Tensor? new_absmax, "
+      "Tensor gnorm_scale, Tensor(d!) nonfinite_count, float lr, float weight_decay, "
+      "float momentum, float dampening_weight, bool nesterov, bool first_step) -> ()");
+  m.def(
+      "sgd8bit_new_absmax(Tensor param, Tensor grad, Tensor momentum_buffer, "
+      "Tensor momentum_buffer_absmax, Tensor signed_qmap, Tensor gnorm_scale, float lr, "
+      "float weight_decay, float momentum, float dampening_weight, bool nesterov, "
+      "bool first_step) -> Tensor");
+  m.def("row_sumsq(Tensor grad) -> Tensor");
+  m.def("quantize_blockwise(Tensor x, Tensor qmap, bool block_wise) -> (Tensor, Tensor)");
+  m.def("dequantize_blockwise(Tensor codes, Tensor absmax, Tensor qmap) -> Tensor");
+}

@@ -1,0 +1,337 @@
+"""Stateless update functions: the pure-PyTorch reference (the test oracle) and the fused path.
+
+Every update is written twice: once here with torch operations on fp32 tensors (the
+reference), once in ``csrc/common/optim_math.h`` for the kernels. Both follow the same
+formulas in the same order, and both take their coefficients from :class:`AdamWCoeffs` /
+:class:`SGDCoeffs`, computed here in double precision and used in fp32.
+
+A state dict ``state`` of one parameter holds fp32 tensors (32-bit state) or uint8 codes
+plus fp32 ``<name>_absmax`` (8-bit state, see :mod:`distopt.quant`); which one is read
+from the keys, and block-wise vs per-tensor from the absmax's rank (2-D vs 1-D).
+
+[Note: non-finite gradients] (DESIGN §3.5) An element whose gradient is not finite
+never changes what it does not own, and needs no collective: with 32-bit state the
+element (parameter and state) is left untouched; with 8-bit block-wise state its whole
+block of 256 is; with one absmax per tensor the block's parameters are untouched and its
+state values carry over, re-encoded with the tensor's new absmax. Skipped elements are
+added to ``state["nonfinite_count"]``. Non-finite values never enter gradient norms.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import astuple, dataclass
+
+import torch
+
+from . import _ops
+from .quant import (
+    BLOCK_SIZE,
+    _as_blocks,
+    _from_blocks,
+    _quantize_blocks,
+    qmap,
+    row_length,
+)
+
+AbsmaxReducer = Callable[[torch.Tensor], None]
+"""Reduces a vector of new per-tensor absmax values in place (MAX over shards)."""
+
+
+@dataclass(frozen=True)
+class AdamWCoeffs:
+    """AdamW's per-step coefficients (torch.optim.AdamW's single-tensor formulas)."""
+
+    decay: float
+    lerp_weight: float
+    beta2: float
+    sq_weight: float
+    eps: float
+    step_size: float
+    bias_correction2_sqrt: float
+
+    @classmethod
+    def for_step(cls, lr: float, betas: tuple[float, float], eps: float, weight_decay: float, step: int):
+        beta1, beta2 = betas
+        return cls(
+            decay=1.0 - lr * weight_decay,
+            lerp_weight=1.0 - beta1,
+            beta2=beta2,
+            sq_weight=1.0 - beta2,
+            eps=eps,
+            step_size=lr / (1.0 - beta1**step),
+            bias_correction2_sqrt=math.sqrt(1.0 - beta2**step),
+        )
+
+
+@dataclass(frozen=True)
+class SGDCoeffs:
+    """SGD's per-step coefficients (torch.optim.SGD semantics)."""
+
+    lr: float
+    weight_decay: float
+    momentum: float
+    dampening_weight: float
+    nesterov: bool
+    first_step: bool
+
+    @classmethod
+    def for_step(cls, lr, momentum, dampening, weight_decay, nesterov, first_step: bool):
+        return cls(lr, weight_decay, momentum, 1.0 - dampening, nesterov, first_step)
+
+
+# --- the update math on fp32 tensors (mirrors csrc/common/optim_math.h) -----------------
+
+
+def _adamw_math(p, g, states, c: AdamWCoeffs):
+    m, v = states[0], states[1]
+    p = p * c.decay
+    m = m + c.lerp_weight * (g - m)
+    v = v * c.beta2 + (c.sq_weight * g) * g
+    new = [m, v]
+    second = v
+    if len(states) == 3:
+        second = torch.maximum(states[2], v)
+        new.append(second)
+    denom = torch.sqrt(second) / c.bias_correction2_sqrt + c.eps
+    return p - c.step_size * (m / denom), new
+
+
+def _sgd_math(p, g, states, c: SGDCoeffs):
+    if c.weight_decay != 0.0:
+        g = g + c.weight_decay * p
+    if not states:
+        return p - c.lr * g, []
+    buf = g if c.first_step else states[0] * c.momentum + c.dampening_weight * g
+    direction = g + c.momentum * buf if c.nesterov else buf
+    return p - c.lr * direction, [buf]
+
+
+# --- reference drivers ----------------------------------------------------------------
+
+
+def _reference_32bit(param, grad, states, gnorm_scale, count, math_fn, c):
+    g = grad.float()
+    finite = torch.isfinite(g)
+    g = torch.where(finite, g, 0.0) * gnorm_scale
+    p_new, new = math_fn(param.float(), g, [s for s in states], c)
+    for s, n in zip(states, new):
+        s.copy_(torch.where(finite, n, s))
+    param.copy_(torch.where(finite, p_new, param.float()).to(param.dtype))
+    count += (~finite).sum()
+
+
+def _reference_8bit(param, grad, qstates, gnorm_scale, count, math_fn, c, reduce_absmax):
+    """qstates: list of (codes, absmax, qmap). Block-wise when absmax is 2-D."""
+    block_wise = qstates[0][1].dim() == 2
+    gb = _as_blocks(grad)
+    finite = torch.isfinite(gb).all(dim=-1, keepdim=True)
+    valid = (torch.arange(gb.shape[1] * BLOCK_SIZE) < row_length(grad.shape)).view(1, -1, BLOCK_SIZE)
+    old = [_as_blocks(q[codes.long()]) * _absmax_view(absmax) for codes, absmax, q in qstates]
+    pb = _as_blocks(param)
+    g = torch.where(finite, gb, 0.0) * gnorm_scale
+    p_new, new = math_fn(pb, g, old, c)
+    new = [torch.where(finite, n, o) for n, o in zip(new, old)]
+    if block_wise:
+        absmaxes = [n.abs().amax(dim=-1) for n in new]
+    else:
+        absmaxes = torch.stack([n.abs().amax() for n in new])
+        if reduce_absmax is not None:
+            reduce_absmax(absmaxes)
+        absmaxes = list(absmaxes.view(-1, 1))
+    for (codes, absmax, q), n, a in zip(qstates, new, absmaxes):
+        a_view = a.unsqueeze(-1) if block_wise else a
+        fresh = _quantize_blocks(n, q, a_view)
+        if block_wise:
+            fresh = torch.where(finite, fresh, _as_blocks(codes).to(torch.uint8))
+            a = torch.where(finite.squeeze(-1), a, absmax)
+        codes.copy_(_from_blocks(fresh, codes))
+        absmax.copy_(a.view(absmax.shape))
+    p_out = torch.where(finite, p_new, pb)
+    param.copy_(_from_blocks(p_out, param).to(param.dtype))
+    count += (valid & ~finite).sum()
+
+
+def _absmax_view(absmax: torch.Tensor) -> torch.Tensor:
+    return absmax.unsqueeze(-1) if absmax.dim() == 2 else absmax.view(1, 1, 1)
+
+
+# --- state layout ------------------------------------------------------------------------
+
+_ADAMW_STATES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_SIGNED = {"exp_avg": True, "exp_avg_sq": False, "max_exp_avg_sq": False, "momentum_buffer": True}
+
+
+def is_8bit(state: dict, name: str) -> bool:
+    return f"{name}_absmax" in state
+
+
+def _qstates(state: dict, names, device):
+    return [(state[n], state[f"{n}_absmax"], qmap(_SIGNED[n], device)) for n in names]
+
+
+def _adamw_names(state: dict) -> tuple[str, ...]:
+    return _ADAMW_STATES if "max_exp_avg_sq" in state else _ADAMW_STATES[:2]
+
+
+_ones: dict[torch.device, torch.Tensor] = {}
+
+
+def _scale_or_one(gnorm_scale: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    if gnorm_scale is not None:
+        return gnorm_scale
+    if device not in _ones:
+        _ones[device] = torch.ones((), dtype=torch.float32, device=device)
+    return _ones[device]
+
+
+# --- backend choice ------------------------------------------------------------------
+
+_BACKENDS = ("auto", "fused", "reference")
+_backend = os.environ.get("DISTOPT_BACKEND", "auto")
+_warned_devices: set[str] = set()
+
+
+def set_backend(name: str) -> None:
+    """Choose the update path: ``"auto"`` (fused kernels where built, else the reference),
+    ``"fused"`` (kernels or an error) or ``"reference"`` (pure PyTorch). The environment
+    variable ``DISTOPT_BACKEND`` sets the initial choice."""
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def use_fused(device: torch.device) -> bool:
+    """Whether updates of tensors on ``device`` take the fused kernels."""
+    if _backend not in _BACKENDS:
+        raise ValueError(f"DISTOPT_BACKEND must be one of {_BACKENDS}, got {_backend!r}")
+    if _backend == "reference":
+        return False
+    fused = _ops.available(device)
+    if not fused and _backend == "fused":
+        raise RuntimeError(f"distopt: no fused kernels for device {device} (backend 'fused' was requested)")
+    if not fused and device.type != "cpu" and device.type not in _warned_devices:  # CPU: _build warns
+        _warned_devices.add(device.type)
+        warnings.warn(
+            f"distopt: no fused kernels for {device.type} tensors here; using the pure-PyTorch reference path.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return fused
+
+
+# --- public update functions ---------------------------------------------------------
+
+
+def adamw_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: dict,
+    c: AdamWCoeffs,
+    gnorm_scale: torch.Tensor | None = None,
+    *,
+    fused: bool,
+    reduce_absmax: AbsmaxReducer | None = None,
+) -> None:
+    """One AdamW step of one parameter, in place on ``param`` and ``state``."""
+    names = _adamw_names(state)
+    scale = _scale_or_one(gnorm_scale, param.device)
+    count = state["nonfinite_count"]
+    if not is_8bit(state, "exp_avg"):
+        states = [state[n] for n in names]
+        if not fused:
+            return _reference_32bit(param, grad, states, scale, count, _adamw_math, c)
+        vmax = states[2] if len(states) == 3 else None
+        return _ops.ops().adamw32_(param, grad, states[0], states[1], vmax, scale, count, *astuple(c))
+    qstates = _qstates(state, names, param.device)
+    if not fused:
+        return _reference_8bit(param, grad, qstates, scale, count, _adamw_math, c, reduce_absmax)
+    flat = [t for codes, absmax, _ in qstates for t in (codes, absmax)]
+    if len(flat) == 4:
+        flat += [None, None]
+    maps = (qmap(True, param.device), qmap(False, param.device))
+    new_absmax = None
+    if flat[1].dim() == 1:
+        new_absmax = _ops.ops().adamw8bit_new_absmax(param, grad, *flat, *maps, scale, *astuple(c))
+        if reduce_absmax is not None:
+            reduce_absmax(new_absmax)
+    _ops.ops().adamw8bit_(param, grad, *flat, *maps, new_absmax, scale, count, *astuple(c))
+
+
+def sgd_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: dict,
+    c: SGDCoeffs,
+    gnorm_scale: torch.Tensor | None = None,
+    *,
+    fused: bool,
+    reduce_absmax: AbsmaxReducer | None = None,
+) -> None:
+    """One SGD step of one parameter, in place on ``param`` and ``state``."""
+    scale = _scale_or_one(gnorm_scale, param.device)
+    count = state["nonfinite_count"]
+    has_buffer = "momentum_buffer" in state
+    if not is_8bit(state, "momentum_buffer"):
+        states = [state["momentum_buffer"]] if has_buffer else []
+        if not fused:
+            return _reference_32bit(param, grad, states, scale, count, _sgd_math, c)
+        buf = states[0] if states else None
+        return _ops.ops().sgd32_(param, grad, buf, scale, count, *astuple(c))
+    qstates = _qstates(state, ("momentum_buffer",), param.device)
+    if not fused:
+        return _reference_8bit(param, grad, qstates, scale, count, _sgd_math, c, reduce_absmax)
+    codes, absmax, signed = qstates[0]
+    new_absmax = None
+    if absmax.dim() == 1:
+        new_absmax = _ops.ops().sgd8bit_new_absmax(param, grad, codes, absmax, signed, scale, *astuple(c))
+        if reduce_absmax is not None:
+            reduce_absmax(new_absmax)
+    _ops.ops().sgd8bit_(param, grad, codes, absmax, signed, new_absmax, scale, count, *astuple(c))
+
+
+# --- percentile clipping -------------------------------------------------------------
+
+HISTORY = 100
+"""Squared gradient norms kept per parameter for percentile clipping."""
+
+
+def row_sumsq(grad: torch.Tensor, *, fused: bool) -> torch.Tensor:
+    """fp32 sum of squares of the finite elements of each dim-0 row of ``grad``."""
+    if fused:
+        return _ops.ops().row_sumsq(grad)
+    rows = grad.shape[0] if grad.dim() >= 1 else 1
+    g = grad.reshape(rows, -1).float()
+    g = torch.where(torch.isfinite(g), g, 0.0)
+    return (g * g).sum(dim=1)
+
+
+def total_sumsq(rows: torch.Tensor) -> torch.Tensor:
+    """Sum of per-row sums in a fixed (sequential) order, identical on every rank."""
+    if rows.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=rows.device)
+    return rows.double().cumsum(0)[-1].float()
+
+
+def percentile_scale(history: torch.Tensor, gnorm_sq: torch.Tensor, step: int, percentile: int) -> torch.Tensor:
+    """Record ``gnorm_sq`` for ``step`` (1-based) and return the gradient scale.
+
+    ``history`` holds the last 100 squared norms (all slots take the first one);
+    ``current = sqrt(history[step % 100])``, ``clip = sqrt(sorted(history)[percentile])``,
+    and the scale is ``clip / current`` when ``current > clip``, else 1.
+    """
+    if step == 1:
+        history.copy_(gnorm_sq.expand_as(history))
+    else:
+        history[step % HISTORY] = gnorm_sq
+    current = torch.sqrt(history[step % HISTORY])
+    clip = torch.sqrt(torch.sort(history).values[percentile])
+    return torch.where(current > clip, clip / current, torch.ones_like(current))

@@ -1,0 +1,257 @@
+"""The optimizer base: argument resolution and validation, lazy state, the step loop.
+
+Subclasses (:mod:`.adamw`, :mod:`.sgd`) say which state slots a parameter needs and
+how one parameter is updated; everything else is here:
+
+- bitsandbytes' arguments: ``optim_bits``, ``min_8bit_size``, ``percentile_clipping``,
+  ``block_wise`` and ``is_paged``, overridable by an ``args`` object (or mapping) and,
+  except ``is_paged``, per param group;
+- state layout decided once per parameter from its *global* shape
+  (:func:`distopt.quant.uses_8bit_state`): 8-bit state is uint8 ``codes`` shaped like
+  the parameter plus fp32 ``<name>_absmax``; 32-bit state is fp32;
+- ``step`` is a 0-d fp32 CPU tensor per parameter (as in torch.optim);
+  ``nonfinite_count`` (0-d int64) counts elements skipped for non-finite gradients;
+  ``gnorm_history`` (100 fp32) exists when percentile clipping is on;
+- ``load_state_dict`` keeps every state tensor's dtype (torch.optim would cast uint8
+  codes and fp32 absmax to the parameter's dtype).
+"""
+
+from __future__ import annotations
+
+import copy
+import numbers
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from .. import functional as F
+from ..quant import absmax_shape, uses_8bit_state, zero_code
+
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_ARGS_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise", "is_paged")
+GROUP_OVERRIDES = ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise")
+"""Arguments a param group may set for its own parameters."""
+
+_paged_warned = False
+
+
+def resolve_args(args: Any, **keywords: Any) -> dict[str, Any]:
+    """Keyword values overridden by ``args``' attributes (or keys) where it has them."""
+    if args is None:
+        return dict(keywords)
+    if isinstance(args, Mapping):
+        return {k: args.get(k, v) for k, v in keywords.items()}
+    return {k: getattr(args, k, v) for k, v in keywords.items()}
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def check_number(name: str, value: Any, low: float, high: float | None = None, *, open_high: bool = False) -> None:
+    """Raise ValueError naming ``name`` unless ``low <= value <= high`` (``< high`` if open)."""
+    if not _is_real(value) or value != value:
+        raise ValueError(f"Invalid {name}: {value!r} (expected a real number)")
+    too_high = high is not None and (value >= high if open_high else value > high)
+    if value < low or too_high:
+        bound = "" if high is None else (f" and < {high}" if open_high else f" and <= {high}")
+        raise ValueError(f"Invalid {name}: {value!r} (expected >= {low}{bound})")
+
+
+def check_quantization_args(group: Mapping[str, Any]) -> None:
+    bits = group["optim_bits"]
+    if isinstance(bits, bool) or bits not in (8, 32):
+        raise ValueError(f"Invalid optim_bits: {bits!r} (expected 8 or 32)")
+    pc = group["percentile_clipping"]
+    if isinstance(pc, bool) or not isinstance(pc, numbers.Integral) or not 1 <= pc <= 100:
+        raise ValueError(f"Invalid percentile_clipping: {pc!r} (expected an integer in 1..100; 100 disables it)")
+    size = group["min_8bit_size"]
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 0:
+        raise ValueError(f"Invalid min_8bit_size: {size!r} (expected an integer >= 0)")
+    if not isinstance(group["block_wise"], bool):
+        raise ValueError(f"Invalid block_wise: {group['block_wise']!r} (expected True or False)")
+
+
+def param_name(group_index: int, param_index: int, p: torch.Tensor) -> str:
+    return f"param_groups[{group_index}]['params'][{param_index}] (shape {tuple(p.shape)}, {p.dtype})"
+
+
+class QuantizedOptimizer(torch.optim.Optimizer):
+    """Base class of distopt's optimizers (see the module docstring)."""
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        defaults: dict[str, Any],
+        *,
+        optim_bits: int,
+        args: Any,
+        min_8bit_size: int,
+        percentile_clipping: int,
+        block_wise: bool,
+        is_paged: bool,
+    ) -> None:
+        resolved = resolve_args(
+            args,
+            optim_bits=optim_bits,
+            min_8bit_size=min_8bit_size,
+            percentile_clipping=percentile_clipping,
+            block_wise=block_wise,
+            is_paged=is_paged,
+        )
+        self.is_paged = bool(resolved.pop("is_paged"))
+        defaults = {**defaults, **resolved}
+        self.check_hyperparameters(defaults)
+        check_quantization_args(defaults)
+        super().__init__(params, defaults)
+        if self.is_paged:
+            _warn_paged_once()
+
+    # --- what subclasses provide ------------------------------------------------------
+
+    def check_hyperparameters(self, group: Mapping[str, Any]) -> None:
+        """Raise ValueError naming any invalid hyperparameter of ``group``."""
+        raise NotImplementedError
+
+    def state_slots(self, group: Mapping[str, Any]) -> list[tuple[str, bool]]:
+        """(name, signed) of each state tensor a parameter of ``group`` keeps."""
+        raise NotImplementedError
+
+    def update(self, p, grad, state, group, step: int, gnorm_scale, fused: bool) -> None:
+        """Apply one step to ``p`` (contiguous) and its ``state``."""
+        raise NotImplementedError
+
+    # --- param groups -----------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; it may override hyperparameters and :data:`GROUP_OVERRIDES`.
+
+        Everything is checked before the group is added.
+        """
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        self.check_hyperparameters(merged)
+        check_quantization_args(merged)
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for i, p in enumerate(params):
+            if isinstance(p, torch.Tensor) and p.dtype not in _SUPPORTED_DTYPES:
+                raise TypeError(
+                    f"distopt: parameter {i} of the new param group has dtype {p.dtype}; "
+                    "supported: float32, bfloat16, float16"
+                )
+        super().add_param_group({**param_group, "params": params})
+
+    # --- state ------------------------------------------------------------------------
+
+    def init_state(self, p: torch.Tensor, group: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Allocate the state of ``p``: 8-bit or 32-bit from its global shape."""
+        state = self.state[p]
+        state["step"] = torch.zeros((), dtype=torch.float32)
+        state["nonfinite_count"] = torch.zeros((), dtype=torch.int64, device=p.device)
+        eight = uses_8bit_state(p.shape, group["optim_bits"], group["min_8bit_size"])
+        for name, signed in self.state_slots(group):
+            self.allocate_slot(state, p, name, signed, eight, group["block_wise"])
+        if group["percentile_clipping"] < 100:
+            state["gnorm_history"] = torch.zeros(F.HISTORY, dtype=torch.float32, device=p.device)
+        return state
+
+    @staticmethod
+    def allocate_slot(state, p, name: str, signed: bool, eight: bool, block_wise: bool) -> None:
+        if eight:
+            state[name] = torch.full(p.shape, zero_code(signed), dtype=torch.uint8, device=p.device)
+            state[f"{name}_absmax"] = torch.zeros(absmax_shape(p.shape, block_wise), device=p.device)
+        else:
+            state[name] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+
+    # --- the step -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                grad = self._checked_grad(p, gi, pi)
+                state = self.state[p] or self.init_state(p, group)
+                state["step"] += 1
+                step = int(state["step"].item())
+                fused = F.use_fused(p.device)
+                scale = self._gnorm_scale(grad, state, group, step, fused)
+                if p.is_contiguous():
+                    self.update(p, grad, state, group, step, scale, fused)
+                else:
+                    work = p.contiguous()
+                    self.update(work, grad, state, group, step, scale, fused)
+                    p.copy_(work)
+        return loss
+
+    @staticmethod
+    def _checked_grad(p: torch.Tensor, gi: int, pi: int) -> torch.Tensor:
+        grad = p.grad
+        if grad.is_sparse or grad.layout != torch.strided:
+            raise RuntimeError(f"distopt: {param_name(gi, pi, p)} has a sparse gradient; distopt does not support them")
+        if grad.is_complex() or p.is_complex():
+            raise RuntimeError(f"distopt: {param_name(gi, pi, p)} is complex; distopt does not support complex tensors")
+        if grad.dtype != p.dtype:
+            raise TypeError(f"distopt: {param_name(gi, pi, p)} has a {grad.dtype} gradient; it must be {p.dtype}")
+        if grad.shape != p.shape:
+            raise RuntimeError(f"distopt: {param_name(gi, pi, p)} has a gradient of shape {tuple(grad.shape)}")
+        return grad.contiguous()
+
+    @staticmethod
+    def _gnorm_scale(grad, state, group, step: int, fused: bool) -> torch.Tensor | None:
+        percentile = group["percentile_clipping"]
+        if percentile >= 100:
+            return None
+        if "gnorm_history" not in state:  # clipping switched on after the state was made
+            state["gnorm_history"] = torch.zeros(F.HISTORY, dtype=torch.float32, device=grad.device)
+            step = 1
+        gnorm_sq = F.total_sumsq(F.row_sumsq(grad, fused=fused))
+        return F.percentile_scale(state["gnorm_history"], gnorm_sq, step, percentile)
+
+    def nonfinite_counts(self) -> dict[torch.Tensor, int]:
+        """Per parameter, how many elements' updates were skipped for non-finite gradients."""
+        return {p: int(s["nonfinite_count"]) for p, s in self.state.items() if "nonfinite_count" in s}
+
+    # --- checkpoints --------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict, keeping every state tensor's dtype (uint8 codes, fp32 state)."""
+        saved = state_dict["state"]
+        groups = self.param_groups
+        saved_groups = state_dict["param_groups"]
+        if len(groups) != len(saved_groups):
+            raise ValueError(f"state dict has {len(saved_groups)} param groups, the optimizer {len(groups)}")
+        ids = [i for g in saved_groups for i in g["params"]]
+        params = [p for g in groups for p in g["params"]]
+        if len(ids) != len(params):
+            raise ValueError(f"state dict has {len(ids)} parameters, the optimizer {len(params)}")
+        originals = {i: {k: v for k, v in saved[i].items()} for i in ids if i in saved}
+        super().load_state_dict(state_dict)
+        for i, p in zip(ids, params):
+            if i not in originals:
+                continue
+            for key, value in originals[i].items():
+                if torch.is_tensor(value):
+                    device = value.device if key == "step" else p.device
+                    self.state[p][key] = value.detach().to(device=device, copy=True)
+                else:
+                    self.state[p][key] = copy.deepcopy(value)
+
+
+def _warn_paged_once() -> None:
+    global _paged_warned
+    if not _paged_warned:
+        _paged_warned = True
+        warnings.warn(
+            "distopt: paged optimizer state is not implemented yet; the state is kept in ordinary memory.",
+            UserWarning,
+            stacklevel=3,
+        )
