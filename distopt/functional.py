@@ -35,6 +35,7 @@ from .quant import (
     _quantize_blocks,
     qmap,
     row_length,
+    tensor_absmax,
 )
 
 AbsmaxReducer = Callable[[torch.Tensor], None]
@@ -138,7 +139,7 @@ def _reference_8bit(param, grad, qstates, gnorm_scale, count, math_fn, c, reduce
     if block_wise:
         absmaxes = [n.abs().amax(dim=-1) for n in new]
     else:
-        absmaxes = torch.stack([n.abs().amax() for n in new])
+        absmaxes = torch.cat([tensor_absmax(n) for n in new])
         if reduce_absmax is not None:
             reduce_absmax(absmaxes)
         absmaxes = list(absmaxes.view(-1, 1))

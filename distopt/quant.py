@@ -12,9 +12,9 @@ into ``ceil(R / BLOCK_SIZE)`` blocks, so a block never crosses a dim-0 row. ``co
 serves the whole tensor. Rows split by FSDP2's ``Shard(0)`` split codes and absmax alike.
 
 Encoding: ``absmax`` is the largest magnitude in the block, each element is stored as
-the index of the nearest map value to ``x * (1 / absmax)`` (nearest by comparison with
-the 255 fp32 midpoints of adjacent map values; a value exactly on a midpoint takes the
-lower code), and a block whose absmax is 0 stores the code of exact 0. Decoding is
+the index of the nearest map value to ``x * (1 / absmax)`` (exactly nearest: by
+comparison with 255 fp32 thresholds, see :func:`thresholds`; a value exactly halfway
+between two map values takes the lower code), and a block whose absmax is 0 stores the code of exact 0. Decoding is
 ``qmap[code] * absmax``. The C++ and CUDA kernels implement exactly these formulas.
 """
 
@@ -243,23 +243,38 @@ def _as_blocks(x: torch.Tensor) -> torch.Tensor:
     pad = blocks_per_row(x.shape) * BLOCK_SIZE - rows.shape[1]
     if pad:
         rows = torch.nn.functional.pad(rows, (0, pad))
-    return rows.view(d0, -1, BLOCK_SIZE)
+    return rows.view(d0, blocks_per_row(x.shape), BLOCK_SIZE)
 
 
 def _from_blocks(blocks: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     d0 = blocks.shape[0]
-    rows = blocks.reshape(d0, -1)[:, : row_length(like.shape)]
+    rows = blocks.reshape(d0, blocks.shape[1] * BLOCK_SIZE)[:, : row_length(like.shape)]
     return rows.reshape(like.shape)
 
 
-def midpoints(qmap_: torch.Tensor) -> torch.Tensor:
-    """The 255 fp32 midpoints between adjacent map values (the decision boundaries)."""
-    return (qmap_[:-1] + qmap_[1:]) * 0.5
+def tensor_absmax(x: torch.Tensor) -> torch.Tensor:
+    """``max |x|`` over the whole tensor as a ``[1]`` tensor (0 for an empty one)."""
+    return torch.nn.functional.pad(x.abs().flatten(), (0, 1)).amax().reshape(1)
+
+
+def thresholds(qmap_: torch.Tensor) -> torch.Tensor:
+    """The 255 decision thresholds: ``t[i]`` is the smallest fp32 value strictly nearer to
+    ``qmap[i + 1]`` than to ``qmap[i]`` (computed exactly in float64)."""
+    mid = (qmap_[:-1].double() + qmap_[1:].double()) * 0.5  # exact
+    t = mid.float()
+    inf = torch.full_like(t, float("inf"))
+    t = torch.where(t.double() <= mid, torch.nextafter(t, inf), t)
+    below = torch.nextafter(t, -inf)
+    return torch.where(below.double() > mid, below, t)
 
 
 def encode(normalized: torch.Tensor, qmap_: torch.Tensor) -> torch.Tensor:
-    """Codes of the nearest map values to ``normalized`` (already divided by absmax)."""
-    return torch.searchsorted(midpoints(qmap_), normalized.contiguous()).to(torch.uint8)
+    """Codes of the nearest map values to ``normalized`` (already divided by absmax).
+
+    Exact: the code is the number of thresholds at or below the value, so a value
+    exactly between two map values takes the lower code.
+    """
+    return torch.searchsorted(thresholds(qmap_), normalized.contiguous(), right=True).to(torch.uint8)
 
 
 def _quantize_blocks(
@@ -279,7 +294,7 @@ def quantize_blockwise(
         absmax = blocks.abs().amax(dim=-1)
         codes = _quantize_blocks(blocks, qmap_, absmax.unsqueeze(-1))
     else:
-        absmax = blocks.abs().amax().reshape(1)
+        absmax = tensor_absmax(blocks)
         codes = _quantize_blocks(blocks, qmap_, absmax)
     return _from_blocks(codes, x).contiguous(), absmax.contiguous()
 

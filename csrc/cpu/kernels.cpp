@@ -41,7 +41,7 @@ float max_abs(const float* x, int64_t n) {
 
 void encode_block(const float* x, int64_t n, float absmax, const Codebook& book, uint8_t* codes) {
   const float inv = inverse_absmax(absmax);
-  for (int64_t i = 0; i < n; ++i) codes[i] = encode(book.mid, x[i] * inv);
+  for (int64_t i = 0; i < n; ++i) codes[i] = encode(book.threshold, x[i] * inv);
 }
 
 // Where block `b` of a parameter lies: its first element and its length.

@@ -13,7 +13,11 @@ namespace {
 using at::Tensor;
 
 int64_t rows_of(const Tensor& t) { return t.dim() == 0 ? 1 : t.size(0); }
-int64_t row_length_of(const Tensor& t) { return t.dim() < 2 ? 1 : t.numel() / std::max<int64_t>(t.size(0), 1); }
+int64_t row_length_of(const Tensor& t) {
+  int64_t n = 1;
+  for (int64_t d = 1; d < t.dim(); ++d) n *= t.size(d);
+  return n;
+}
 
 void check_pair(const Tensor& param, const Tensor& grad) {
   TORCH_CHECK(param.is_contiguous() && grad.is_contiguous(), "distopt: param and grad must be contiguous");

@@ -1,0 +1,122 @@
+"""The quantization map and the block layout: bit-exact map, nearest-code encoding, row-local blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distopt import _ops, quant
+
+
+def dynamic_map_fp32(signed: bool) -> torch.Tensor:
+    """The dynamic tree map built as bitsandbytes builds it (fp32 linspace and products)."""
+    data: list[float] = []
+    for i in range(7):
+        k = 2**i if signed else 2 ** (i + 1)
+        bounds = torch.linspace(0.1, 1, k + 1, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        data += ((10 ** (-6 + i)) * means).tolist()
+        if signed:
+            data += (-(10 ** (-6 + i)) * means).tolist()
+    data += [0.0, 1.0]
+    return torch.tensor(sorted(data), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_shipped_map_equals_fp32_construction_bit_for_bit(signed):
+    shipped = quant.qmap(signed)
+    assert shipped.shape == (256,) and torch.all(shipped[1:] > shipped[:-1])
+    assert torch.equal(shipped.view(torch.int32), dynamic_map_fp32(signed).view(torch.int32))
+    assert shipped[quant.zero_code(signed)] == 0 and shipped[-1] == 1.0
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("signed", [True, False])
+def test_shipped_map_equals_bitsandbytes_bit_for_bit(signed):
+    import bitsandbytes.functional as bnbF
+
+    assert torch.equal(quant.qmap(signed).view(torch.int32), bnbF.create_dynamic_map(signed=signed).view(torch.int32))
+
+
+def test_qmap_is_one_shared_copy_per_device():
+    assert quant.qmap(True, "cpu") is quant.qmap(True, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_encode_is_nearest_code_by_brute_force(signed):
+    q = quant.qmap(signed)
+    gen = torch.Generator().manual_seed(0)
+    low = -1.0 if signed else 0.0
+    t = quant.thresholds(q)
+    edges = torch.cat([t, torch.nextafter(t, -torch.ones_like(t)), ((q[:-1] + q[1:]) / 2)])
+    x = torch.cat([torch.rand(200_000, generator=gen) * (1 - low) + low, q, edges, torch.tensor([-1.0, 1.5])])
+    codes = quant.encode(x, q).long()
+    dist = (x.double()[:, None] - q.double()[None, :]).abs()  # exact for fp32 inputs
+    assert torch.equal(codes, dist.argmin(dim=1))  # argmin: the lowest index on ties
+
+
+@pytest.mark.parametrize("shape", [(33, 300), (4, 256), (3, 5, 70), (2, 1), (0, 300)])
+@pytest.mark.parametrize("block_wise", [True, False])
+def test_absmax_layout_follows_rows(shape, block_wise):
+    x = torch.randn(shape)
+    codes, absmax = quant.quantize_blockwise(x, quant.qmap(True), block_wise)
+    assert codes.shape == x.shape and codes.dtype == torch.uint8
+    assert absmax.shape == quant.absmax_shape(shape, block_wise) and absmax.dtype == torch.float32
+    if block_wise and x.numel():
+        rows = x.reshape(shape[0], -1)
+        for j in range(absmax.shape[1]):
+            block = rows[:, j * 256 : (j + 1) * 256]
+            assert torch.equal(absmax[:, j], block.abs().amax(dim=1))
+
+
+def test_blocks_never_cross_rows():
+    """Changing one row changes no other row's codes or absmax."""
+    x = torch.randn(6, 300)
+    y = x.clone()
+    y[2] *= 1000
+    cx, ax = quant.quantize_blockwise(x, quant.qmap(True))
+    cy, ay = quant.quantize_blockwise(y, quant.qmap(True))
+    keep = torch.tensor([0, 1, 3, 4, 5])
+    assert torch.equal(cx[keep], cy[keep]) and torch.equal(ax[keep], ay[keep])
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_zero_block_stores_code_of_zero(signed):
+    x = torch.zeros(3, 512)
+    x[1, 300] = 0.5
+    codes, absmax = quant.quantize_blockwise(x, quant.qmap(signed))
+    assert absmax[0].eq(0).all() and absmax[1, 0] == 0 and absmax[1, 1] == 0.5
+    assert codes[0].eq(quant.zero_code(signed)).all() and codes[1, :256].eq(quant.zero_code(signed)).all()
+
+
+def test_roundtrip_error_is_bounded_by_map_spacing():
+    x = torch.randn(64, 1024)
+    q = quant.qmap(True)
+    codes, absmax = quant.quantize_blockwise(x, q)
+    y = quant.dequantize_blockwise(codes, absmax, q)
+    # the largest gap between adjacent map values is 0.0140625 (near +-1; -1 itself is
+    # 0.00703 from the lowest value): half of it, times absmax, up to fp32 rounding
+    bound = 0.5 * (q[1:] - q[:-1]).max() * absmax.repeat_interleave(256, dim=1)
+    assert ((x - y).abs() <= bound * (1 + 1e-5)).all()
+
+
+@pytest.mark.parametrize("shape", [(33, 300), (4, 256), (3, 5, 70), (1000,), (0, 300)])
+@pytest.mark.parametrize("block_wise", [True, False])
+@pytest.mark.parametrize("signed", [True, False])
+def test_fused_quantize_and_dequantize_equal_reference(kernels_built, shape, block_wise, signed):
+    x = torch.randn(shape) if signed else torch.rand(shape)
+    q = quant.qmap(signed)
+    codes, absmax = _ops.ops().quantize_blockwise(x, q, block_wise)
+    ref_codes, ref_absmax = quant.quantize_blockwise(x, q, block_wise)
+    assert torch.equal(codes, ref_codes) and torch.equal(absmax, ref_absmax)
+    assert torch.equal(_ops.ops().dequantize_blockwise(codes, absmax, q), quant.dequantize_blockwise(codes, absmax, q))
+
+
+def test_eight_bit_rule_uses_global_numel_and_row_length():
+    assert quant.uses_8bit_state((64, 64), 8, 4096)
+    assert not quant.uses_8bit_state((64, 63), 8, 4096)  # fewer elements than min_8bit_size
+    assert not quant.uses_8bit_state((64, 64), 32, 0)  # 32-bit requested
+    assert not quant.uses_8bit_state((100_000,), 8, 0)  # 1-D: always 32-bit
+    assert not quant.uses_8bit_state((1000, 15), 8, 0)  # rows shorter than 16
+    assert quant.uses_8bit_state((1000, 16), 8, 0)
+    assert quant.uses_8bit_state((10, 2, 8), 8, 0)  # rows are numel / shape[0]
