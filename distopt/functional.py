@@ -310,7 +310,7 @@ def row_sumsq(grad: torch.Tensor, *, fused: bool) -> torch.Tensor:
     if fused:
         return _ops.ops().row_sumsq(grad)
     rows = grad.shape[0] if grad.dim() >= 1 else 1
-    g = grad.reshape(rows, -1).float()
+    g = grad.reshape(rows, row_length(grad.shape)).float()
     g = torch.where(torch.isfinite(g), g, 0.0)
     return (g * g).sum(dim=1)
 

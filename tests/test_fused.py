@@ -1,0 +1,110 @@
+"""The fused kernels prove themselves against the reference, and do not depend on threads or placement.
+
+- one step from the same state: max|Δp| / max|p| <= 1e-6, >= 99.9% of codes identical
+  and the rest off by one (DESIGN §7);
+- bitwise independence of the thread count and of where a row sits (DESIGN §3.1).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import backend, threads
+from tests.registry import CASES, DTYPES, SHAPES, clone_params, make_params, run_steps, state_tensors
+
+
+def one_step_both_paths(case, dtype):
+    params = make_params(SHAPES, dtype)
+    with backend("fused"):
+        opt = case.make(params)
+        run_steps(opt, params, 3)
+    twins = clone_params(params)
+    twin_opt = case.make(twins)
+    twin_opt.load_state_dict(opt.state_dict())
+    with backend("fused"):
+        run_steps(opt, params, 1, first_seed=7)
+    with backend("reference"):
+        run_steps(twin_opt, twins, 1, first_seed=7)
+    return params, opt, twins, twin_opt
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_one_step_fused_matches_reference(kernels_built, case, dtype):
+    params, opt, twins, twin_opt = one_step_both_paths(case, dtype)
+    for p, q in zip(params, twins):
+        if p.numel() == 0:
+            continue
+        if dtype == torch.float32:
+            assert ((p - q).abs().max() / q.abs().max()).item() <= 1e-6
+        else:  # the same fp32 math rounded once to the parameter dtype: at most one ulp apart
+            ulp = torch.finfo(dtype).eps * q.float().abs().clamp_min(torch.finfo(dtype).tiny)
+            assert ((p.float() - q.float()).abs() <= ulp).all()
+    for fused, ref in zip(state_tensors(opt, params), state_tensors(twin_opt, twins)):
+        assert fused.keys() == ref.keys()
+        for key, a in fused.items():
+            b = ref[key]
+            assert a.dtype == b.dtype and a.shape == b.shape, key
+            if a.dtype == torch.uint8 and a.numel():
+                diff = (a.int() - b.int()).abs()
+                assert diff.max() <= 1, key
+                assert (diff == 0).float().mean() >= 0.999, key
+            elif a.is_floating_point() and a.numel():
+                assert (a - b).abs().max() <= 1e-5 * b.abs().max(), key
+            else:
+                assert torch.equal(a, b), key
+
+
+def run_with_threads(case, n_threads, shapes):
+    params = make_params(shapes)
+    with threads(n_threads), backend("fused"):
+        opt = case.make(params)
+        run_steps(opt, params, 4)
+    return params, state_tensors(opt, params)
+
+
+def assert_bitwise_equal(a, b):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_results_do_not_depend_on_thread_count(kernels_built, case):
+    shapes = [*SHAPES, (64, 1024), (40_000,)]
+    p1, s1 = run_with_threads(case, 1, shapes)
+    p2, s2 = run_with_threads(case, 2, shapes)
+    for a, b in zip(p1, p2):
+        assert_bitwise_equal(a.detach(), b.detach())
+    for x, y in zip(s1, s2):
+        assert x.keys() == y.keys()
+        for key in x:
+            assert_bitwise_equal(x[key], y[key])
+
+
+OFFSET_ROWS = 7
+
+
+@pytest.mark.parametrize("path", ["fused", "reference"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_rows_update_the_same_wherever_they_sit(kernels_built, case, path):
+    """Rows of a parameter placed after 7 zero rows of a larger one evolve bitwise alike."""
+    small = make_params([(33, 300), (9, 40)])
+    large = [torch.cat([torch.zeros((OFFSET_ROWS, *p.shape[1:])), p.detach()]).requires_grad_() for p in small]
+    with backend(path):
+        opt_small, opt_large = case.make(small), case.make(large)
+        for k in range(4):
+            grads = [torch.randn(p.shape, generator=torch.Generator().manual_seed(k)) for p in small]
+            for p, q, g in zip(small, large, grads):
+                p.grad = g
+                q.grad = torch.cat([torch.zeros((OFFSET_ROWS, *g.shape[1:])), g])
+            opt_small.step()
+            opt_large.step()
+    for p, q in zip(small, large):
+        assert_bitwise_equal(p.detach(), q.detach()[OFFSET_ROWS:])
+        for key, a in opt_small.state[p].items():
+            b = opt_large.state[q][key]
+            if a.dim() >= 1 and a.shape[0] == p.shape[0] and a.shape[0] != b.shape[0]:
+                b = b[OFFSET_ROWS:]
+            if key != "nonfinite_count":
+                assert_bitwise_equal(a, b)
