@@ -96,3 +96,9 @@ def run_steps(opt, params, steps: int, first_seed: int = 100, scale: float = 1.0
 
 def state_tensors(opt, params) -> list[dict[str, torch.Tensor]]:
     return [{k: v for k, v in opt.state[p].items()} for p in params]
+
+
+def assert_bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Same dtype, shape and bits (NaN payloads and signed zeros included)."""
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert torch.equal(a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8))

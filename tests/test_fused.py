@@ -11,7 +11,16 @@ import pytest
 import torch
 
 from tests.conftest import backend, threads
-from tests.registry import CASES, DTYPES, SHAPES, clone_params, make_params, run_steps, state_tensors
+from tests.registry import (
+    CASES,
+    DTYPES,
+    SHAPES,
+    assert_bitwise_equal,
+    clone_params,
+    make_params,
+    run_steps,
+    state_tensors,
+)
 
 
 def one_step_both_paths(case, dtype):
@@ -62,11 +71,6 @@ def run_with_threads(case, n_threads, shapes):
         opt = case.make(params)
         run_steps(opt, params, 4)
     return params, state_tensors(opt, params)
-
-
-def assert_bitwise_equal(a, b):
-    assert a.dtype == b.dtype and a.shape == b.shape
-    assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
