@@ -1,0 +1,58 @@
+"""Every op in csrc/registration.cpp passes torch.library.opcheck (schema, fake impl, dispatch)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distopt import _ops, quant
+from distopt.functional import AdamWCoeffs, SGDCoeffs
+
+ADAMW = list(vars(AdamWCoeffs.for_step(1e-3, (0.9, 0.999), 1e-8, 0.01, 3)).values())
+SGD = list(vars(SGDCoeffs.for_step(0.1, 0.9, 0.1, 0.01, False, False)).values())
+
+
+def eight_bit(shape, signed, block_wise=True):
+    codes, absmax = quant.quantize_blockwise(torch.randn(shape) if signed else torch.rand(shape), quant.qmap(signed), block_wise)
+    return [codes, absmax]
+
+
+def samples(dtype):
+    p = torch.randn(5, 300, dtype=dtype)
+    g = torch.randn(5, 300, dtype=dtype)
+    s, u = quant.qmap(True), quant.qmap(False)
+    scale, count = torch.tensor(0.5), torch.zeros((), dtype=torch.int64)
+    m, v, vm = eight_bit(p.shape, True), eight_bit(p.shape, False), eight_bit(p.shape, False)
+    mt, vt = eight_bit(p.shape, True, False), eight_bit(p.shape, False, False)
+    new_absmax = torch.tensor([2.0, 3.0])
+    f32 = [torch.randn(5, 300), torch.rand(5, 300), torch.rand(5, 300)]
+    return {
+        "adamw8bit_": [p, g, *m, *v, *vm, s, u, None, scale, count, *ADAMW],
+        "adamw8bit_ tensorwise": [p, g, *mt, *vt, None, None, s, u, new_absmax, scale, count, *ADAMW],
+        "adamw8bit_new_absmax": [p, g, *mt, *vt, None, None, s, u, scale, *ADAMW],
+        "adamw32_": [p, g, *f32, scale, count, *ADAMW],
+        "sgd8bit_": [p, g, *m, s, None, scale, count, *SGD],
+        "sgd8bit_new_absmax": [p, g, *mt, s, scale, *SGD],
+        "sgd32_": [p, g, f32[0], scale, count, *SGD],
+        "row_sumsq": [g],
+        "quantize_blockwise": [torch.randn(5, 300), s, True],
+        "dequantize_blockwise": [*m, s],
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", list(samples(torch.float32)))
+def test_opcheck(kernels_built, name, dtype):
+    args = samples(dtype)[name]
+    op = getattr(_ops.ops(), name.split()[0])
+    torch.library.opcheck(op, args)
+
+
+def test_ops_reject_mismatched_inputs_with_clear_errors(kernels_built):
+    p, g = torch.randn(5, 300), torch.randn(5, 301)
+    m, v = eight_bit(p.shape, True), eight_bit(p.shape, False)
+    s, u = quant.qmap(True), quant.qmap(False)
+    with pytest.raises(RuntimeError, match="grad shape"):
+        _ops.ops().adamw8bit_(p, g, *m, *v, None, None, s, u, None, torch.tensor(1.0), torch.zeros((), dtype=torch.int64), *ADAMW)
+    with pytest.raises(RuntimeError, match="unsupported dtype"):
+        _ops.ops().row_sumsq(torch.randn(3, 3, dtype=torch.float64))
