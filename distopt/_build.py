@@ -89,8 +89,10 @@ def load() -> bool:
         _state["loaded"] = True
         _state["capability"] = capability
     except Exception as err:  # no compiler, no ninja, a failed build: the reference path still works
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        reason = lines[0][:200] if lines else ""
         warnings.warn(
-            f"distopt: the C++ kernels could not be built ({type(err).__name__}: {err}); "
+            f"distopt: the C++ kernels could not be built ({type(err).__name__}: {reason}); "
             "using the pure-PyTorch reference path (slower, same results within rounding).",
             RuntimeWarning,
             stacklevel=2,

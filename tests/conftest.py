@@ -22,6 +22,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="bitsandbytes (test extra 'peers') is not installed"))
 
 
+_ALLOWED_SKIPS = ("needs a CUDA device", "bitsandbytes (test extra 'peers') is not installed")
+_unexpected_skips: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped:
+        reason = str(report.longrepr[2]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if not any(allowed in reason for allowed in _ALLOWED_SKIPS):
+            _unexpected_skips.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _unexpected_skips:
+        print("\nSkips other than GPU and peer tests count as failures:\n" + "\n".join(_unexpected_skips))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 @contextlib.contextmanager
 def backend(name: str):
     old = distopt.get_backend()

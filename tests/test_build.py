@@ -1,0 +1,68 @@
+"""The JIT build: flags the invariants need, capability selection, and the no-compiler fallback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import distopt
+from distopt import _build
+from tests.conftest import backend
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SCRIPT = """
+import torch, distopt
+torch.manual_seed(0)
+p = torch.randn(64, 256, requires_grad=True)
+q = torch.randn(300, requires_grad=True)
+opt = distopt.AdamW8bit([p, q], min_8bit_size=0)
+for k in range(3):
+    p.grad, q.grad = torch.randn(64, 256), torch.randn(300)
+    opt.step()
+print("fused:", distopt.functional.use_fused(torch.device("cpu")))
+print("result:", (p.double().sum() + q.double().sum()).item().hex())
+"""
+
+
+def test_flags_keep_every_element_on_the_same_ieee_operations():
+    for capability in ("DEFAULT", "AVX2", "AVX512"):
+        flags = _build.cflags(capability)
+        assert "-ffp-contract=off" in flags and "-fopenmp" in flags
+        assert not any("fast-math" in f and not f.startswith("-fno-") for f in flags)
+        assert "-march=native" not in flags
+
+
+def test_capability_can_be_forced_lower_but_not_higher(monkeypatch):
+    monkeypatch.setenv("DISTOPT_CPU_CAPABILITY", "default")
+    assert _build.cpu_capability() == "DEFAULT"
+    monkeypatch.setenv("DISTOPT_CPU_CAPABILITY", "SSE9")
+    with pytest.raises(ValueError, match="DISTOPT_CPU_CAPABILITY"):
+        _build.cpu_capability()
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        monkeypatch.setenv("DISTOPT_CPU_CAPABILITY", "AVX512")
+        with pytest.raises(ValueError, match="exceeds"):
+            _build.cpu_capability()
+
+
+def test_without_a_compiler_distopt_runs_on_the_reference_path_and_says_so_once(tmp_path):
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-W", "always", "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("could not be built") == 1
+    assert "fused: False" in done.stdout
+    torch.manual_seed(0)
+    p = torch.randn(64, 256, requires_grad=True)
+    q = torch.randn(300, requires_grad=True)
+    with backend("reference"):
+        opt = distopt.AdamW8bit([p, q], min_8bit_size=0)
+        for _ in range(3):
+            p.grad, q.grad = torch.randn(64, 256), torch.randn(300)
+            opt.step()
+    assert f"result: {(p.double().sum() + q.double().sum()).item().hex()}" in done.stdout
