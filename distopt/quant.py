@@ -277,9 +277,7 @@ def encode(normalized: torch.Tensor, qmap_: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(thresholds(qmap_), normalized.contiguous(), right=True).to(torch.uint8)
 
 
-def _quantize_blocks(
-    blocks: torch.Tensor, qmap_: torch.Tensor, absmax: torch.Tensor
-) -> torch.Tensor:
+def _quantize_blocks(blocks: torch.Tensor, qmap_: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
     """Encode ``[d0, nb, 256]`` fp32 blocks with ``absmax`` broadcastable to ``[d0, nb, 1]``."""
     inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
     return encode(blocks * inv, qmap_)

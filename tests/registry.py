@@ -49,7 +49,11 @@ CASES = [
     Case("AdamW8bit-amsgrad", distopt.AdamW8bit, {"amsgrad": True}),
     Case("AdamW8bit-tensorwise", distopt.AdamW8bit, {"block_wise": False}),
     Case("AdamW8bit-clip5", distopt.AdamW8bit, {"percentile_clipping": 5}),
-    Case("AdamW8bit-amsgrad-tensorwise-clip50", distopt.AdamW8bit, {"amsgrad": True, "block_wise": False, "percentile_clipping": 50}),
+    Case(
+        "AdamW8bit-amsgrad-tensorwise-clip50",
+        distopt.AdamW8bit,
+        {"amsgrad": True, "block_wise": False, "percentile_clipping": 50},
+    ),
     Case("AdamW-optim_bits8", distopt.AdamW, {"optim_bits": 8, "weight_decay": 0.1}),
     Case("AdamW32bit", distopt.AdamW32bit),
     Case("AdamW32bit-amsgrad-clip5", distopt.AdamW32bit, {"amsgrad": True, "percentile_clipping": 5}),
@@ -59,7 +63,11 @@ CASES = [
     Case("SGD8bit-nesterov-wd", distopt.SGD8bit, {**_SGD, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
     Case("SGD8bit-dampening", distopt.SGD8bit, {**_SGD, "momentum": 0.8, "dampening": 0.3}),
     Case("SGD8bit-no-momentum", distopt.SGD8bit, _SGD),
-    Case("SGD8bit-tensorwise-clip5", distopt.SGD8bit, {**_SGD, "momentum": 0.9, "block_wise": False, "percentile_clipping": 5}),
+    Case(
+        "SGD8bit-tensorwise-clip5",
+        distopt.SGD8bit,
+        {**_SGD, "momentum": 0.9, "block_wise": False, "percentile_clipping": 5},
+    ),
     Case("SGD32bit-momentum-wd", distopt.SGD32bit, {**_SGD, "momentum": 0.9, "weight_decay": 0.01}),
     Case("SGD-optim_bits8-clip5", distopt.SGD, {**_SGD, "momentum": 0.9, "optim_bits": 8, "percentile_clipping": 5}),
 ]

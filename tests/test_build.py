@@ -53,7 +53,9 @@ def test_capability_can_be_forced_lower_but_not_higher(monkeypatch):
 def test_without_a_compiler_distopt_runs_on_the_reference_path_and_says_so_once(tmp_path):
     env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCH_EXTENSIONS_DIR": str(tmp_path)}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-W", "always", "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-W", "always", "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("could not be built") == 1
     assert "fused: False" in done.stdout

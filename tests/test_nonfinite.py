@@ -39,7 +39,9 @@ def stepped(cls, bad, path, **kwargs):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("bad", BAD)
-@pytest.mark.parametrize("cls,kwargs", [(distopt.AdamW8bit, {"amsgrad": True}), (distopt.SGD8bit, {"lr": 0.1, "momentum": 0.9})])
+@pytest.mark.parametrize(
+    "cls,kwargs", [(distopt.AdamW8bit, {"amsgrad": True}), (distopt.SGD8bit, {"lr": 0.1, "momentum": 0.9})]
+)
 def test_8bit_leaves_the_whole_block_untouched(kernels_built, cls, kwargs, bad, path):
     p, p0, state, before, _ = stepped(cls, bad, path, **kwargs)
     block = (3, slice(256, 300))
@@ -71,7 +73,9 @@ def test_8bit_tensorwise_keeps_params_and_carries_state_values(kernels_built, ba
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("bad", BAD)
-@pytest.mark.parametrize("cls,kwargs", [(distopt.AdamW32bit, {"amsgrad": True}), (distopt.SGD32bit, {"lr": 0.1, "momentum": 0.9})])
+@pytest.mark.parametrize(
+    "cls,kwargs", [(distopt.AdamW32bit, {"amsgrad": True}), (distopt.SGD32bit, {"lr": 0.1, "momentum": 0.9})]
+)
 def test_32bit_leaves_only_the_element_untouched(kernels_built, cls, kwargs, bad, path):
     p, p0, state, before, _ = stepped(cls, bad, path, **kwargs)
     changed = p.detach() != p0

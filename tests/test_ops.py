@@ -13,7 +13,9 @@ SGD = list(vars(SGDCoeffs.for_step(0.1, 0.9, 0.1, 0.01, False, False)).values())
 
 
 def eight_bit(shape, signed, block_wise=True):
-    codes, absmax = quant.quantize_blockwise(torch.randn(shape) if signed else torch.rand(shape), quant.qmap(signed), block_wise)
+    codes, absmax = quant.quantize_blockwise(
+        torch.randn(shape) if signed else torch.rand(shape), quant.qmap(signed), block_wise
+    )
     return [codes, absmax]
 
 
@@ -53,6 +55,8 @@ def test_ops_reject_mismatched_inputs_with_clear_errors(kernels_built):
     m, v = eight_bit(p.shape, True), eight_bit(p.shape, False)
     s, u = quant.qmap(True), quant.qmap(False)
     with pytest.raises(RuntimeError, match="grad shape"):
-        _ops.ops().adamw8bit_(p, g, *m, *v, None, None, s, u, None, torch.tensor(1.0), torch.zeros((), dtype=torch.int64), *ADAMW)
+        _ops.ops().adamw8bit_(
+            p, g, *m, *v, None, None, s, u, None, torch.tensor(1.0), torch.zeros((), dtype=torch.int64), *ADAMW
+        )
     with pytest.raises(RuntimeError, match="unsupported dtype"):
         _ops.ops().row_sumsq(torch.randn(3, 3, dtype=torch.float64))

@@ -49,7 +49,9 @@ SGD_COMBOS = [
 @pytest.mark.parametrize("combo", SGD_COMBOS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 @pytest.mark.parametrize("cls", [distopt.SGD32bit, distopt.SGD])
 def test_sgd32_matches_torch_sgd(cls, combo, path):
-    err = compare(lambda ps: cls(ps, lr=0.01, **combo), lambda ps: torch.optim.SGD(ps, lr=0.01, foreach=False, **combo), path)
+    err = compare(
+        lambda ps: cls(ps, lr=0.01, **combo), lambda ps: torch.optim.SGD(ps, lr=0.01, foreach=False, **combo), path
+    )
     assert err <= 1e-6
 
 

@@ -59,8 +59,10 @@ _ALGORITHM = """
 
 
 class AdamW(QuantizedOptimizer):
-    __doc__ = "AdamW with 8-bit or 32-bit optimizer state (``optim_bits``).\n" + _ALGORITHM + _ARGUMENTS.format(
-        bits_note="", paged_note=""
+    __doc__ = (
+        "AdamW with 8-bit or 32-bit optimizer state (``optim_bits``).\n"
+        + _ALGORITHM
+        + _ARGUMENTS.format(bits_note="", paged_note="")
     )
 
     def __init__(
@@ -118,7 +120,10 @@ def _doc(title: str, bits_note: str = "", paged_note: str = "") -> str:
 
 
 def _width_note(name: str, bits: int) -> str:
-    return f" {name} keeps this keyword for compatibility and uses {bits}-bit state (an ``args`` object still overrides it)."
+    return (
+        f" {name} keeps this keyword for compatibility and uses {bits}-bit state"
+        " (an ``args`` object still overrides it)."
+    )
 
 
 _PAGED_NOTE = " (Paged classes have no such keyword: they are always paged.)"

@@ -56,8 +56,8 @@ _BITS = """
 
 
 class SGD(QuantizedOptimizer):
-    __doc__ = "SGD with an 8-bit or 32-bit momentum buffer (``optim_bits``).\n" + _ALGORITHM + _ARGUMENTS.format(
-        bits=_BITS
+    __doc__ = (
+        "SGD with an 8-bit or 32-bit momentum buffer (``optim_bits``).\n" + _ALGORITHM + _ARGUMENTS.format(bits=_BITS)
     )
 
     def __init__(
