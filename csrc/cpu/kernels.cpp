@@ -129,27 +129,47 @@ void run_8bit(const Blocked8bit<P>& a, const Rule& rule, float* max_out) {
 }
 
 // The 32-bit driver: elementwise; a non-finite gradient leaves its element untouched.
-template <typename P, typename Rule>
-void run_32bit(const Elementwise32bit<P>& a, const Rule& rule) {
+// Written branch-free over restrict pointers with the state count fixed at compile
+// time, so the compiler vectorizes it (IEEE operations only: the same bits as scalar).
+template <int NS, typename P, typename Rule>
+void run_32bit_n(const Elementwise32bit<P>& a, const Rule& rule) {
   std::atomic<int64_t> skipped{0};
   at::parallel_for(0, a.numel, kElementGrain, [&](int64_t begin, int64_t end) {
+    P* __restrict__ param = a.param;
+    const P* __restrict__ grad = a.grad;
+    float* __restrict__ s0 = a.state[0];
+    float* __restrict__ s1 = a.state[1];
+    float* __restrict__ s2 = a.state[2];
     int64_t local_skipped = 0;
     for (int64_t i = begin; i < end; ++i) {
-      const float g = load(a.grad[i]);
-      if (!std::isfinite(g)) {
-        ++local_skipped;
-        continue;
-      }
-      float p = load(a.param[i]);
-      float e[3] = {0.0f, 0.0f, 0.0f};
-      for (int s = 0; s < a.nstates; ++s) e[s] = a.state[s][i];
-      rule(p, g * a.gnorm_scale, e);
-      for (int s = 0; s < a.nstates; ++s) a.state[s][i] = e[s];
-      a.param[i] = static_cast<P>(p);
+      const float g = load(grad[i]);
+      const bool finite = std::isfinite(g);
+      const float p0 = load(param[i]);
+      float old[3] = {0.0f, 0.0f, 0.0f};
+      if (NS > 0) old[0] = s0[i];
+      if (NS > 1) old[1] = s1[i];
+      if (NS > 2) old[2] = s2[i];
+      float p = p0, e[3] = {old[0], old[1], old[2]};
+      rule(p, finite ? g * a.gnorm_scale : 0.0f, e);
+      param[i] = finite ? static_cast<P>(p) : param[i];
+      if (NS > 0) s0[i] = finite ? e[0] : old[0];
+      if (NS > 1) s1[i] = finite ? e[1] : old[1];
+      if (NS > 2) s2[i] = finite ? e[2] : old[2];
+      local_skipped += finite ? 0 : 1;
     }
     skipped += local_skipped;
   });
   *a.nonfinite_count += skipped.load();
+}
+
+template <typename P, typename Rule>
+void run_32bit(const Elementwise32bit<P>& a, const Rule& rule) {
+  switch (a.nstates) {
+    case 0: return run_32bit_n<0>(a, rule);
+    case 1: return run_32bit_n<1>(a, rule);
+    case 2: return run_32bit_n<2>(a, rule);
+    default: return run_32bit_n<3>(a, rule);
+  }
 }
 
 struct AdamWRule {
