@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Callable
 from dataclasses import astuple, dataclass
 
 import torch
@@ -37,9 +36,6 @@ from .quant import (
     row_length,
     tensor_absmax,
 )
-
-AbsmaxReducer = Callable[[torch.Tensor], None]
-"""Reduces a vector of new per-tensor absmax values in place (MAX over shards)."""
 
 
 @dataclass(frozen=True)
@@ -125,35 +121,43 @@ def _reference_32bit(param, grad, states, gnorm_scale, count, math_fn, c):
     count += (~finite).sum()
 
 
-def _reference_8bit(param, grad, qstates, gnorm_scale, count, math_fn, c, reduce_absmax):
-    """qstates: list of (codes, absmax, qmap). Block-wise when absmax is 2-D."""
-    block_wise = qstates[0][1].dim() == 2
+def _reference_8bit_states(param, grad, qstates, gnorm_scale, math_fn, c):
+    """The new fp32 states (non-finite blocks keep their old values), as blocks."""
     gb = _as_blocks(grad)
     finite = torch.isfinite(gb).all(dim=-1, keepdim=True)
-    valid = (torch.arange(gb.shape[1] * BLOCK_SIZE) < row_length(grad.shape)).view(1, -1, BLOCK_SIZE)
     old = [_as_blocks(q[codes.long()]) * _absmax_view(absmax) for codes, absmax, q in qstates]
     pb = _as_blocks(param)
-    g = torch.where(finite, gb, 0.0) * gnorm_scale
-    p_new, new = math_fn(pb, g, old, c)
+    p_new, new = math_fn(pb, torch.where(finite, gb, 0.0) * gnorm_scale, old, c)
     new = [torch.where(finite, n, o) for n, o in zip(new, old)]
+    return finite, pb, torch.where(finite, p_new, pb), new
+
+
+def _reference_8bit(param, grad, qstates, gnorm_scale, count, math_fn, c, new_absmax):
+    """qstates: list of (codes, absmax, qmap); block-wise when absmax is 2-D, else
+    quantized with ``new_absmax`` (one value per state; computed here when None)."""
+    block_wise = qstates[0][1].dim() == 2
+    finite, pb, p_out, new = _reference_8bit_states(param, grad, qstates, gnorm_scale, math_fn, c)
     if block_wise:
         absmaxes = [n.abs().amax(dim=-1) for n in new]
     else:
-        absmaxes = torch.cat([tensor_absmax(n) for n in new])
-        if reduce_absmax is not None:
-            reduce_absmax(absmaxes)
-        absmaxes = list(absmaxes.view(-1, 1))
+        if new_absmax is None:
+            new_absmax = torch.cat([tensor_absmax(n) for n in new])
+        absmaxes = list(new_absmax.view(-1, 1))
     for (codes, absmax, q), n, a in zip(qstates, new, absmaxes):
-        a_view = a.unsqueeze(-1) if block_wise else a
-        fresh = _quantize_blocks(n, q, a_view)
+        fresh = _quantize_blocks(n, q, a.unsqueeze(-1) if block_wise else a)
         if block_wise:
             fresh = torch.where(finite, fresh, _as_blocks(codes).to(torch.uint8))
             a = torch.where(finite.squeeze(-1), a, absmax)
         codes.copy_(_from_blocks(fresh, codes))
         absmax.copy_(a.view(absmax.shape))
-    p_out = torch.where(finite, p_new, pb)
     param.copy_(_from_blocks(p_out, param).to(param.dtype))
+    valid = (torch.arange(pb.shape[1] * BLOCK_SIZE) < row_length(grad.shape)).view(1, -1, BLOCK_SIZE)
     count += (valid & ~finite).sum()
+
+
+def _reference_new_absmax(param, grad, qstates, gnorm_scale, math_fn, c) -> torch.Tensor:
+    new = _reference_8bit_states(param, grad, qstates, gnorm_scale, math_fn, c)[3]
+    return torch.cat([tensor_absmax(n) for n in new])
 
 
 def _absmax_view(absmax: torch.Tensor) -> torch.Tensor:
@@ -230,6 +234,22 @@ def use_fused(device: torch.device) -> bool:
 
 
 # --- public update functions ---------------------------------------------------------
+#
+# [Note: per-tensor absmax] With block_wise=False a state's new absmax is the maximum
+# over the whole (possibly sharded) tensor, known only after the update is computed.
+# The update therefore takes two passes: ``*_new_absmax`` computes each state's new
+# local maximum without writing anything; the caller combines the maxima (a MAX
+# all-reduce over the shards, batched for all parameters) and passes them to
+# ``*_update`` as ``new_absmax``. Without it, the update uses the local maxima.
+
+
+def _adamw_qstates(state: dict, device: torch.device):
+    return _qstates(state, _adamw_names(state), device)
+
+
+def _flat_adamw(qstates):
+    flat = [t for codes, absmax, _ in qstates for t in (codes, absmax)]
+    return flat + [None, None] if len(flat) == 4 else flat
 
 
 def adamw_update(
@@ -240,31 +260,35 @@ def adamw_update(
     gnorm_scale: torch.Tensor | None = None,
     *,
     fused: bool,
-    reduce_absmax: AbsmaxReducer | None = None,
+    new_absmax: torch.Tensor | None = None,
 ) -> None:
     """One AdamW step of one parameter, in place on ``param`` and ``state``."""
-    names = _adamw_names(state)
     scale = _scale_or_one(gnorm_scale, param.device)
     count = state["nonfinite_count"]
     if not is_8bit(state, "exp_avg"):
-        states = [state[n] for n in names]
+        states = [state[n] for n in _adamw_names(state)]
         if not fused:
             return _reference_32bit(param, grad, states, scale, count, _adamw_math, c)
         vmax = states[2] if len(states) == 3 else None
         return _ops.ops().adamw32_(param, grad, states[0], states[1], vmax, scale, count, *astuple(c))
-    qstates = _qstates(state, names, param.device)
+    qstates = _adamw_qstates(state, param.device)
     if not fused:
-        return _reference_8bit(param, grad, qstates, scale, count, _adamw_math, c, reduce_absmax)
-    flat = [t for codes, absmax, _ in qstates for t in (codes, absmax)]
-    if len(flat) == 4:
-        flat += [None, None]
+        return _reference_8bit(param, grad, qstates, scale, count, _adamw_math, c, new_absmax)
+    flat = _flat_adamw(qstates)
+    if flat[1].dim() == 1 and new_absmax is None:
+        new_absmax = adamw_new_absmax(param, grad, state, c, gnorm_scale, fused=True)
     maps = (qmap(True, param.device), qmap(False, param.device))
-    new_absmax = None
-    if flat[1].dim() == 1:
-        new_absmax = _ops.ops().adamw8bit_new_absmax(param, grad, *flat, *maps, scale, *astuple(c))
-        if reduce_absmax is not None:
-            reduce_absmax(new_absmax)
     _ops.ops().adamw8bit_(param, grad, *flat, *maps, new_absmax, scale, count, *astuple(c))
+
+
+def adamw_new_absmax(param, grad, state: dict, c: AdamWCoeffs, gnorm_scale=None, *, fused: bool) -> torch.Tensor:
+    """Each 8-bit state's new local max |value| (block_wise=False), writing nothing."""
+    scale = _scale_or_one(gnorm_scale, param.device)
+    qstates = _adamw_qstates(state, param.device)
+    if not fused:
+        return _reference_new_absmax(param, grad, qstates, scale, _adamw_math, c)
+    maps = (qmap(True, param.device), qmap(False, param.device))
+    return _ops.ops().adamw8bit_new_absmax(param, grad, *_flat_adamw(qstates), *maps, scale, *astuple(c))
 
 
 def sgd_update(
@@ -275,28 +299,34 @@ def sgd_update(
     gnorm_scale: torch.Tensor | None = None,
     *,
     fused: bool,
-    reduce_absmax: AbsmaxReducer | None = None,
+    new_absmax: torch.Tensor | None = None,
 ) -> None:
     """One SGD step of one parameter, in place on ``param`` and ``state``."""
     scale = _scale_or_one(gnorm_scale, param.device)
     count = state["nonfinite_count"]
-    has_buffer = "momentum_buffer" in state
     if not is_8bit(state, "momentum_buffer"):
-        states = [state["momentum_buffer"]] if has_buffer else []
+        states = [state["momentum_buffer"]] if "momentum_buffer" in state else []
         if not fused:
             return _reference_32bit(param, grad, states, scale, count, _sgd_math, c)
         buf = states[0] if states else None
         return _ops.ops().sgd32_(param, grad, buf, scale, count, *astuple(c))
     qstates = _qstates(state, ("momentum_buffer",), param.device)
     if not fused:
-        return _reference_8bit(param, grad, qstates, scale, count, _sgd_math, c, reduce_absmax)
+        return _reference_8bit(param, grad, qstates, scale, count, _sgd_math, c, new_absmax)
     codes, absmax, signed = qstates[0]
-    new_absmax = None
-    if absmax.dim() == 1:
-        new_absmax = _ops.ops().sgd8bit_new_absmax(param, grad, codes, absmax, signed, scale, *astuple(c))
-        if reduce_absmax is not None:
-            reduce_absmax(new_absmax)
+    if absmax.dim() == 1 and new_absmax is None:
+        new_absmax = sgd_new_absmax(param, grad, state, c, gnorm_scale, fused=True)
     _ops.ops().sgd8bit_(param, grad, codes, absmax, signed, new_absmax, scale, count, *astuple(c))
+
+
+def sgd_new_absmax(param, grad, state: dict, c: SGDCoeffs, gnorm_scale=None, *, fused: bool) -> torch.Tensor:
+    """The momentum buffer's new local max |value| (block_wise=False), writing nothing."""
+    scale = _scale_or_one(gnorm_scale, param.device)
+    qstates = _qstates(state, ("momentum_buffer",), param.device)
+    if not fused:
+        return _reference_new_absmax(param, grad, qstates, scale, _sgd_math, c)
+    codes, absmax, signed = qstates[0]
+    return _ops.ops().sgd8bit_new_absmax(param, grad, codes, absmax, signed, scale, *astuple(c))
 
 
 # --- percentile clipping -------------------------------------------------------------
