@@ -110,9 +110,12 @@ class AdamW(QuantizedOptimizer):
             slots.append(("max_exp_avg_sq", False))
         return slots
 
-    def update(self, p, grad, state, group, step, gnorm_scale, fused) -> None:
-        c = F.AdamWCoeffs.for_step(group["lr"], group["betas"], group["eps"], group["weight_decay"], step)
-        F.adamw_update(p, grad, state, c, gnorm_scale, fused=fused)
+    update_fn = staticmethod(F.adamw_update)
+    new_absmax_fn = staticmethod(F.adamw_new_absmax)
+
+    def coefficients(self, s) -> F.AdamWCoeffs:
+        g = s.group
+        return F.AdamWCoeffs.for_step(g["lr"], g["betas"], g["eps"], g["weight_decay"], s.step)
 
 
 def _doc(title: str, bits_note: str = "", paged_note: str = "") -> str:

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from .. import functional as F
-from ..quant import absmax_shape, uses_8bit_state, zero_code
+from ..distributed.sharding import RowShard
+from . import stepping
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ARGS_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise", "is_paged")
@@ -105,11 +105,18 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         defaults = {**defaults, **resolved}
         self.check_hyperparameters(defaults)
         check_quantization_args(defaults)
+        self.row_shards: dict[torch.Tensor, RowShard] = {}
+        """Plain-tensor parameters declared as row shards (:func:`distopt.distributed.shard_rows`)."""
         super().__init__(params, defaults)
         if self.is_paged:
             _warn_paged_once()
 
     # --- what subclasses provide ------------------------------------------------------
+
+    update_fn = None
+    """``distopt.functional`` update of one parameter (e.g. ``adamw_update``)."""
+    new_absmax_fn = None
+    """The matching first pass for per-tensor absmax (e.g. ``adamw_new_absmax``)."""
 
     def check_hyperparameters(self, group: Mapping[str, Any]) -> None:
         """Raise ValueError naming any invalid hyperparameter of ``group``."""
@@ -119,8 +126,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         """(name, signed) of each state tensor a parameter of ``group`` keeps."""
         raise NotImplementedError
 
-    def update(self, p, grad, state, group, step: int, gnorm_scale, fused: bool) -> None:
-        """Apply one step to ``p`` (contiguous) and its ``state``."""
+    def coefficients(self, s: stepping.ParamStep):
+        """The update's coefficients for this parameter and step."""
         raise NotImplementedError
 
     # --- param groups -----------------------------------------------------------------
@@ -143,28 +150,6 @@ class QuantizedOptimizer(torch.optim.Optimizer):
                 )
         super().add_param_group({**param_group, "params": params})
 
-    # --- state ------------------------------------------------------------------------
-
-    def init_state(self, p: torch.Tensor, group: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """Allocate the state of ``p``: 8-bit or 32-bit from its global shape."""
-        state = self.state[p]
-        state["step"] = torch.zeros((), dtype=torch.float32)
-        state["nonfinite_count"] = torch.zeros((), dtype=torch.int64, device=p.device)
-        eight = uses_8bit_state(p.shape, group["optim_bits"], group["min_8bit_size"])
-        for name, signed in self.state_slots(group):
-            self.allocate_slot(state, p, name, signed, eight, group["block_wise"])
-        if group["percentile_clipping"] < 100:
-            state["gnorm_history"] = torch.zeros(F.HISTORY, dtype=torch.float32, device=p.device)
-        return state
-
-    @staticmethod
-    def allocate_slot(state, p, name: str, signed: bool, eight: bool, block_wise: bool) -> None:
-        if eight:
-            state[name] = torch.full(p.shape, zero_code(signed), dtype=torch.uint8, device=p.device)
-            state[f"{name}_absmax"] = torch.zeros(absmax_shape(p.shape, block_wise), device=p.device)
-        else:
-            state[name] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-
     # --- the step -----------------------------------------------------------------------
 
     @torch.no_grad()
@@ -174,47 +159,21 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for gi, group in enumerate(self.param_groups):
-            for pi, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                grad = self._checked_grad(p, gi, pi)
-                state = self.state[p] or self.init_state(p, group)
-                state["step"] += 1
-                step = int(state["step"].item())
-                fused = F.use_fused(p.device)
-                scale = self._gnorm_scale(grad, state, group, step, fused)
-                if p.is_contiguous():
-                    self.update(p, grad, state, group, step, scale, fused)
-                else:
-                    work = p.contiguous()
-                    self.update(work, grad, state, group, step, scale, fused)
-                    p.copy_(work)
+        steps = [
+            stepping.prepare(self, p, param_name(gi, pi, p), group, self.row_shards)
+            for gi, group in enumerate(self.param_groups)
+            for pi, p in enumerate(group["params"])
+            if p.grad is not None
+        ]
+        stepping.set_gradient_scales(steps)
+        stepping.set_tensor_absmax(steps, type(self).new_absmax_fn, self.coefficients)
+        update = type(self).update_fn
+        for s in steps:
+            update(
+                s.param, s.grad, s.state, self.coefficients(s), s.gnorm_scale, fused=s.fused, new_absmax=s.new_absmax
+            )
+            s.write_back()
         return loss
-
-    @staticmethod
-    def _checked_grad(p: torch.Tensor, gi: int, pi: int) -> torch.Tensor:
-        grad = p.grad
-        if grad.is_sparse or grad.layout != torch.strided:
-            raise RuntimeError(f"distopt: {param_name(gi, pi, p)} has a sparse gradient; distopt does not support them")
-        if grad.is_complex() or p.is_complex():
-            raise RuntimeError(f"distopt: {param_name(gi, pi, p)} is complex; distopt does not support complex tensors")
-        if grad.dtype != p.dtype:
-            raise TypeError(f"distopt: {param_name(gi, pi, p)} has a {grad.dtype} gradient; it must be {p.dtype}")
-        if grad.shape != p.shape:
-            raise RuntimeError(f"distopt: {param_name(gi, pi, p)} has a gradient of shape {tuple(grad.shape)}")
-        return grad.contiguous()
-
-    @staticmethod
-    def _gnorm_scale(grad, state, group, step: int, fused: bool) -> torch.Tensor | None:
-        percentile = group["percentile_clipping"]
-        if percentile >= 100:
-            return None
-        if "gnorm_history" not in state:  # clipping switched on after the state was made
-            state["gnorm_history"] = torch.zeros(F.HISTORY, dtype=torch.float32, device=grad.device)
-            step = 1
-        gnorm_sq = F.total_sumsq(F.row_sumsq(grad, fused=fused))
-        return F.percentile_scale(state["gnorm_history"], gnorm_sq, step, percentile)
 
     def nonfinite_counts(self) -> dict[torch.Tensor, int]:
         """Per parameter, how many elements' updates were skipped for non-finite gradients."""

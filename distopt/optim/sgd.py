@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from .. import functional as F
-from ..quant import uses_8bit_state
 from .base import QuantizedOptimizer, check_number
 
 _ALGORITHM = """
@@ -97,17 +96,18 @@ class SGD(QuantizedOptimizer):
             raise ValueError("Invalid nesterov: Nesterov momentum requires momentum > 0 and dampening 0")
 
     def state_slots(self, group):
-        return []  # the momentum buffer is made on the first step with momentum, as in torch
+        return [("momentum_buffer", True)] if group["momentum"] != 0 else []
 
-    def update(self, p, grad, state, group, step, gnorm_scale, fused) -> None:
-        first_step = group["momentum"] != 0 and "momentum_buffer" not in state
-        if first_step:
-            eight = uses_8bit_state(p.shape, group["optim_bits"], group["min_8bit_size"])
-            self.allocate_slot(state, p, "momentum_buffer", True, eight, group["block_wise"])
-        c = F.SGDCoeffs.for_step(
-            group["lr"], group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"], first_step
+    update_fn = staticmethod(F.sgd_update)
+    new_absmax_fn = staticmethod(F.sgd_new_absmax)
+
+    def coefficients(self, s) -> F.SGDCoeffs:
+        g = s.group
+        # torch.optim.SGD: the buffer is the (decayed) gradient on its first step
+        first_step = "momentum_buffer" in s.fresh
+        return F.SGDCoeffs.for_step(
+            g["lr"], g["momentum"], g["dampening"], g["weight_decay"], g["nesterov"], first_step
         )
-        F.sgd_update(p, grad, state, c, gnorm_scale, fused=fused)
 
 
 class SGD8bit(SGD):

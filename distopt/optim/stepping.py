@@ -1,0 +1,149 @@
+"""One optimizer step over all parameters (DESIGN §5), for one process or many.
+
+1. ``prepare``: check each gradient, find where the parameter's local tensor sits in
+   the global one (:class:`~distopt.distributed.RowShard`), allocate missing state
+   (DTensors shaped like the parameter when it is one), advance ``step``.
+2. ``set_gradient_scales``: percentile clipping from full-parameter norms: per-row
+   sums of squares of the local rows, one all-reduce for all parameters.
+3. ``set_tensor_absmax``: for ``block_wise=False`` 8-bit state, each state's new local
+   maximum, one MAX all-reduce for all parameters.
+4. the subclass's fused (or reference) update of each local shard, in place.
+
+Decisions that must agree across ranks (8-bit or 32-bit state, block layout) use the
+parameter's global shape, so the same gradients give the same bits at any world size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from .. import functional as F
+from ..distributed import collectives
+from ..distributed.sharding import RowShard, describe_dtensor, local, wrap_like_param, wrap_replicated
+from ..quant import absmax_shape, uses_8bit_state, zero_code
+
+
+@dataclass
+class ParamStep:
+    """Everything one parameter's update needs this step."""
+
+    p: torch.Tensor  # the parameter as the user holds it (a DTensor under FSDP2)
+    name: str
+    group: dict[str, Any]
+    shard: RowShard
+    param: torch.Tensor  # the local tensor, contiguous (a copy if it was not)
+    grad: torch.Tensor  # the local gradient, contiguous
+    state: dict[str, torch.Tensor]  # the state's local tensors
+    step: int
+    fused: bool
+    fresh: frozenset[str]  # state slots allocated this step
+    gnorm_scale: torch.Tensor | None = None
+    new_absmax: torch.Tensor | None = None
+
+    def write_back(self) -> None:
+        target = local(self.p)
+        if target.data_ptr() != self.param.data_ptr() or not target.is_contiguous():
+            target.copy_(self.param.view(target.shape))
+
+
+def row_shard(p: torch.Tensor, declared: dict, name: str) -> RowShard:
+    if isinstance(p, DTensor):
+        return describe_dtensor(p, name)
+    return declared.get(p) or RowShard(tuple(p.shape))
+
+
+def checked_grad(p: torch.Tensor, name: str) -> torch.Tensor:
+    grad = p.grad
+    if grad.is_sparse or grad.layout != torch.strided:
+        raise RuntimeError(f"distopt: {name} has a sparse gradient; distopt does not support them")
+    if grad.is_complex() or p.is_complex():
+        raise RuntimeError(f"distopt: {name} is complex; distopt does not support complex tensors")
+    if grad.dtype != p.dtype:
+        raise TypeError(f"distopt: {name} has a {grad.dtype} gradient; it must be {p.dtype}")
+    if grad.shape != p.shape:
+        raise RuntimeError(f"distopt: {name} has a gradient of shape {tuple(grad.shape)}")
+    if isinstance(p, DTensor) != isinstance(grad, DTensor) or (
+        isinstance(p, DTensor) and tuple(grad.placements) != tuple(p.placements)
+    ):
+        placements = getattr(grad, "placements", "a plain tensor")
+        raise RuntimeError(f"distopt: {name}'s gradient has placements {placements}, unlike its parameter")
+    return local(grad).contiguous()
+
+
+def allocate_slot(state: dict, p: torch.Tensor, shard: RowShard, name: str, signed: bool, group) -> None:
+    """Allocate one state slot of ``p`` (8-bit or 32-bit by the global shape)."""
+    p_local = local(p)
+    shape = shard.global_shape
+    if uses_8bit_state(shape, group["optim_bits"], group["min_8bit_size"]):
+        codes = torch.full(p_local.shape, zero_code(signed), dtype=torch.uint8, device=p_local.device)
+        state[name] = wrap_like_param(codes, shard, shape)
+        if group["block_wise"]:
+            rows = p_local.shape[0] if p_local.dim() else 1
+            absmax = torch.zeros((rows, absmax_shape(shape, True)[1]), device=p_local.device)
+            state[f"{name}_absmax"] = wrap_like_param(absmax, shard, absmax_shape(shape, True))
+        else:
+            state[f"{name}_absmax"] = wrap_replicated(torch.zeros(1, device=p_local.device), shard)
+    else:
+        state[name] = wrap_like_param(torch.zeros(p_local.shape, device=p_local.device), shard, shape)
+
+
+def prepare(opt, p: torch.Tensor, name: str, group: dict, declared: dict) -> ParamStep:
+    """Check, describe and complete the state of one parameter with a gradient."""
+    grad = checked_grad(p, name)
+    shard = row_shard(p, declared, name)
+    state = opt.state[p]
+    device = local(p).device
+    if not state:
+        state["step"] = torch.zeros((), dtype=torch.float32)
+        state["nonfinite_count"] = torch.zeros((), dtype=torch.int64, device=device)
+    fresh = frozenset(n for n, _ in opt.state_slots(group) if n not in state)
+    for slot, signed in opt.state_slots(group):
+        if slot in fresh:
+            allocate_slot(state, p, shard, slot, signed, group)
+    if group["percentile_clipping"] < 100 and "gnorm_history" not in state:
+        state["gnorm_history"] = torch.zeros(F.HISTORY, dtype=torch.float32, device=device)
+        fresh |= {"gnorm_history"}
+    state["step"] += 1
+    param = local(p)
+    return ParamStep(
+        p=p,
+        name=name,
+        group=group,
+        shard=shard,
+        param=param if param.is_contiguous() else param.contiguous(),
+        grad=grad,
+        state={k: local(v) for k, v in state.items()},
+        step=int(state["step"].item()),
+        fused=F.use_fused(device),
+        fresh=fresh,
+    )
+
+
+def set_gradient_scales(steps: list[ParamStep]) -> None:
+    """Percentile-clipping scales from full-parameter gradient norms (one all-reduce)."""
+    clipped = [s for s in steps if s.group["percentile_clipping"] < 100]
+    if not clipped:
+        return
+    local_rows = [F.row_sumsq(s.grad, fused=s.fused) for s in clipped]
+    rows = collectives.sum_rows(local_rows, [s.shard for s in clipped])
+    for s, r in zip(clipped, rows):
+        first = "gnorm_history" in s.fresh
+        s.gnorm_scale = F.percentile_scale(
+            s.state["gnorm_history"], F.total_sumsq(r), 1 if first else s.step, s.group["percentile_clipping"]
+        )
+
+
+def set_tensor_absmax(steps: list[ParamStep], new_absmax_fn, coefficients) -> None:
+    """New per-tensor absmax of block_wise=False 8-bit states (one MAX all-reduce)."""
+    tensorwise = [s for s in steps if any(k.endswith("_absmax") and v.dim() == 1 for k, v in s.state.items())]
+    if not tensorwise:
+        return
+    values = [
+        new_absmax_fn(s.param, s.grad, s.state, coefficients(s), s.gnorm_scale, fused=s.fused) for s in tensorwise
+    ]
+    for s, v in zip(tensorwise, collectives.max_values(values, [s.shard for s in tensorwise])):
+        s.new_absmax = v
