@@ -5,7 +5,7 @@ are row shards of a larger parameter are declared with :func:`shard_rows`. See
 ``docs/distributed.md`` for what is guaranteed.
 """
 
-from .collectives import max_values, sum_rows
-from .sharding import RowShard, describe_dtensor, local
+from .api import check_replicated, shard_rows
+from .sharding import RowShard
 
-__all__ = ["RowShard", "describe_dtensor", "local", "max_values", "sum_rows"]
+__all__ = ["RowShard", "check_replicated", "shard_rows"]

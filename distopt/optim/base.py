@@ -30,7 +30,6 @@ from ..distributed.sharding import RowShard
 from . import stepping
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_ARGS_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise", "is_paged")
 GROUP_OVERRIDES = ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise")
 """Arguments a param group may set for its own parameters."""
 
