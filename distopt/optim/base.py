@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ..distributed.sharding import RowShard
 from . import stepping
@@ -175,8 +176,23 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         return loss
 
     def nonfinite_counts(self) -> dict[torch.Tensor, int]:
-        """Per parameter, how many elements' updates were skipped for non-finite gradients."""
-        return {p: int(s["nonfinite_count"]) for p, s in self.state.items() if "nonfinite_count" in s}
+        """Per parameter, how many elements' updates were skipped for non-finite gradients.
+
+        Counts of sharded parameters cover every shard: this takes one all-reduce per
+        process group, so every rank must call it.
+        """
+        params = [p for g in self.param_groups for p in g["params"] if "nonfinite_count" in self.state.get(p, {})]
+        counts = {p: int(self.state[p]["nonfinite_count"]) for p in params}
+        by_group: dict[object, list[torch.Tensor]] = {}
+        for p in params:
+            group = stepping.row_shard(p, self.row_shards, "").group
+            if group is not None:
+                by_group.setdefault(group, []).append(p)
+        for group, members in by_group.items():
+            total = torch.tensor([counts[p] for p in members], dtype=torch.int64)
+            dist.all_reduce(total, group=group)
+            counts.update(zip(members, total.tolist()))
+        return counts
 
     # --- checkpoints --------------------------------------------------------------------
 

@@ -68,9 +68,7 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 def snapshot(opt, params) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
     """Full parameters and full states (per-rank counters left out)."""
-    return [
-        (full(p), {k: full(v) for k, v in opt.state[p].items() if k != "nonfinite_count"}) for p in params
-    ]
+    return [(full(p), {k: full(v) for k, v in opt.state[p].items() if k != "nonfinite_count"}) for p in params]
 
 
 def single_process(name: str, clip: int, steps: int):
