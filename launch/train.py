@@ -239,9 +239,8 @@ def train(cfg: Config) -> dict[str, float]:
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             mb, _ = state_report(opt)
             rate = tokens / (time.perf_counter() - start)
-            say(
-                f"{progress(step + 1, cfg.steps)}  loss {loss.item():.4f}  {rate / 1e3:6.1f}k tok/s  state {mb:.2f} MB/rank"
-            )
+            bar = progress(step + 1, cfg.steps)
+            say(f"{bar}  loss {loss.item():.4f}  {rate / 1e3:6.1f}k tok/s  state {mb:.2f} MB/rank")
     elapsed = time.perf_counter() - start
     mb, eight = state_report(opt)
     result = dict(train_loss=loss.item(), eval_loss=evaluate(model, eval_data, cfg, device, rank, world),
