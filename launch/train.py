@@ -203,18 +203,23 @@ def progress(step: int, total: int, width: int = 24) -> str:
     return f"[{'#' * done}{'.' * (width - done)}] {step:>5}/{total}"
 
 
+def mean_over_ranks(value: torch.Tensor, world: int) -> torch.Tensor:
+    """The mean of a per-rank loss over all ranks (each rank holds an equal share of the batch)."""
+    if dist.is_initialized():
+        dist.all_reduce(value)
+        value = value / world
+    return value
+
+
 def evaluate(model, data, cfg, device, rank, world) -> float:
+    """Held-out loss over ``eval_batches`` batches (from the last 5% of the text)."""
     model.eval()
     with torch.no_grad():
         losses = [
             model(*(t.to(device) for t in batch(data, cfg, 10**9 + i, rank, world))) for i in range(cfg.eval_batches)
         ]
     model.train()
-    loss = torch.stack(losses).mean()
-    if dist.is_initialized():
-        dist.all_reduce(loss)
-        loss /= world
-    return loss.item()
+    return mean_over_ranks(torch.stack(losses).mean(), world).item()
 
 
 def train(cfg: Config) -> dict[str, float]:
@@ -237,6 +242,7 @@ def train(cfg: Config) -> dict[str, float]:
         opt.step()
         tokens += x.numel() * world
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            loss = mean_over_ranks(loss.detach(), world)
             mb, _ = state_report(opt)
             rate = tokens / (time.perf_counter() - start)
             bar = progress(step + 1, cfg.steps)

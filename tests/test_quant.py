@@ -120,3 +120,21 @@ def test_eight_bit_rule_uses_global_numel_and_row_length():
     assert not quant.uses_8bit_state((1000, 15), 8, 0)  # rows shorter than 16
     assert quant.uses_8bit_state((1000, 16), 8, 0)
     assert quant.uses_8bit_state((10, 2, 8), 8, 0)  # rows are numel / shape[0]
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_fused_encoder_is_exact_at_every_threshold_and_over_all_magnitudes(kernels_built, signed):
+    """The C++ table encoder against the exact reference: values at, just below and just
+    above each threshold, each map value, and log-uniform magnitudes down to 1e-12."""
+    q = quant.qmap(signed)
+    t = quant.thresholds(q)
+    gen = torch.Generator().manual_seed(1)
+    magnitudes = torch.exp(torch.empty(1 << 20).uniform_(-28, 0, generator=gen))
+    signs = torch.where(torch.rand(1 << 20, generator=gen) < 0.5, -1.0, 1.0) if signed else 1.0
+    x = torch.cat([t, torch.nextafter(t, -torch.ones_like(t)), torch.nextafter(t, torch.ones_like(t)), q, magnitudes * signs])
+    x = x[(x >= -1) & (x <= 1)]
+    row = torch.cat([x, torch.tensor([1.0])])  # absmax 1: the values are encoded as they are
+    row = torch.nn.functional.pad(row, (0, -row.numel() % 256)).view(1, -1)
+    codes, absmax = _ops.ops().quantize_blockwise(row, q, False)
+    assert absmax.item() == 1.0
+    assert torch.equal(codes, quant.encode(row, q))

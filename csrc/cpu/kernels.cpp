@@ -7,6 +7,8 @@
 // the thread count or on where a row sits in memory.
 #include "kernels.h"
 
+#include "codebook.h"
+
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -39,9 +41,9 @@ float max_abs(const float* x, int64_t n) {
   return m;
 }
 
-void encode_block(const float* x, int64_t n, float absmax, const Codebook& book, uint8_t* codes) {
+void encode_block(const float* x, int64_t n, float absmax, const FastCodebook& book, uint8_t* codes) {
   const float inv = inverse_absmax(absmax);
-  for (int64_t i = 0; i < n; ++i) codes[i] = encode(book.threshold, x[i] * inv);
+  for (int64_t i = 0; i < n; ++i) codes[i] = encode_fast(book, x[i] * inv);
 }
 
 // Where block `b` of a parameter lies: its first element and its length.
@@ -66,8 +68,8 @@ BlockSpan block_span(int64_t b, int64_t row_length) {
 template <typename P, typename Rule>
 void run_8bit(const Blocked8bit<P>& a, const Rule& rule, float* max_out) {
   const int ns = a.nstates;
-  Codebook books[3];
-  for (int s = 0; s < ns; ++s) make_codebook(a.state[s].qmap, books[s]);
+  const FastCodebook* books[3] = {nullptr, nullptr, nullptr};
+  for (int s = 0; s < ns; ++s) books[s] = &fast_codebook(a.state[s].qmap);
   const int64_t nblocks = a.rows * ceil_div(a.row_length, kBlockSize);
   std::atomic<int64_t> skipped{0};
   std::mutex max_mutex;
@@ -85,7 +87,8 @@ void run_8bit(const Blocked8bit<P>& a, const Rule& rule, float* max_out) {
       for (int s = 0; s < ns; ++s) {
         const float scale = a.state[s].absmax[ai];
         const uint8_t* codes = a.state[s].codes + at;
-        for (int64_t i = 0; i < n; ++i) st[s][i] = books[s].value[codes[i]] * scale;
+        const float* value = books[s]->book.value;
+        for (int64_t i = 0; i < n; ++i) st[s][i] = value[codes[i]] * scale;
       }
       if (finite) {
         for (int64_t i = 0; i < n; ++i) {
@@ -104,7 +107,7 @@ void run_8bit(const Blocked8bit<P>& a, const Rule& rule, float* max_out) {
       if (!finite && a.block_wise) continue;
       for (int s = 0; s < ns; ++s) {
         const float absmax = a.block_wise ? max_abs(st[s], n) : a.new_absmax[s];
-        encode_block(st[s], n, absmax, books[s], a.state[s].codes + at);
+        encode_block(st[s], n, absmax, *books[s], a.state[s].codes + at);
         if (a.block_wise) a.state[s].absmax[b] = absmax;
       }
       if (finite) {
@@ -236,8 +239,7 @@ void row_sumsq(const P* grad, int64_t rows, int64_t row_length, float* out) {
 
 void quantize_blockwise(const float* x, int64_t rows, int64_t row_length, bool block_wise,
                         const float* qmap, uint8_t* codes, float* absmax) {
-  Codebook book;
-  make_codebook(qmap, book);
+  const FastCodebook& book = fast_codebook(qmap);
   const int64_t nblocks = rows * ceil_div(row_length, kBlockSize);
   float global = 0.0f;
   if (!block_wise) {

@@ -1,0 +1,33 @@
+// A CPU encoder that finds the exact nearest code with one table lookup and one
+// comparison instead of an 8-step binary search.
+//
+// Floats that share their top 16 bits (sign, exponent, 7 mantissa bits) form a
+// bucket; for the dynamic maps every bucket holds at most one of the 255 thresholds
+// (checked when the table is built), so the code of a value is the code of its
+// bucket's smallest value, plus one if the value reaches that code's next threshold.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "../common/quant.h"
+
+namespace distopt::cpu {
+
+struct FastCodebook {
+  Codebook book;
+  float threshold[256];  // book.threshold, then +inf
+  uint8_t bucket[1 << 16];
+};
+
+// The table for `qmap`, built once per distinct map and cached (thread-safe).
+const FastCodebook& fast_codebook(const float* qmap);
+
+inline uint8_t encode_fast(const FastCodebook& fb, float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  const uint8_t code = fb.bucket[bits >> 16];
+  return static_cast<uint8_t>(code + (fb.threshold[code] <= x ? 1 : 0));
+}
+
+}  // namespace distopt::cpu
