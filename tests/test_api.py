@@ -227,3 +227,17 @@ def test_grad_scaler_with_fp16_autocast_skips_inf_steps_and_trains():
     assert opt.state[weight]["exp_avg"].dtype == torch.uint8
     assert scaler.get_scale() < 2.0**10
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_a_bad_gradient_anywhere_leaves_every_parameter_and_state_untouched():
+    a, b = make_params([(64, 256), (8, 8)])
+    opt = distopt.AdamW8bit([a, b], min_8bit_size=0)
+    run_steps(opt, [a, b], 2)
+    before = {k: v.clone() for k, v in opt.state[a].items()}
+    a_before = a.detach().clone()
+    a.grad = torch.randn(a.shape)
+    b.grad = torch.randn(8, 8).to_sparse()  # the second parameter's gradient is refused
+    with pytest.raises(RuntimeError, match=r"\['params'\]\[1\].*sparse"):
+        opt.step()
+    assert torch.equal(a.detach(), a_before)
+    assert all(torch.equal(opt.state[a][k], v) for k, v in before.items())

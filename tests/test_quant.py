@@ -131,7 +131,8 @@ def test_fused_encoder_is_exact_at_every_threshold_and_over_all_magnitudes(kerne
     gen = torch.Generator().manual_seed(1)
     magnitudes = torch.exp(torch.empty(1 << 20).uniform_(-28, 0, generator=gen))
     signs = torch.where(torch.rand(1 << 20, generator=gen) < 0.5, -1.0, 1.0) if signed else 1.0
-    x = torch.cat([t, torch.nextafter(t, -torch.ones_like(t)), torch.nextafter(t, torch.ones_like(t)), q, magnitudes * signs])
+    one = torch.ones_like(t)
+    x = torch.cat([t, torch.nextafter(t, -one), torch.nextafter(t, one), q, magnitudes * signs])
     x = x[(x >= -1) & (x <= 1)]
     row = torch.cat([x, torch.tensor([1.0])])  # absmax 1: the values are encoded as they are
     row = torch.nn.functional.pad(row, (0, -row.numel() % 256)).view(1, -1)

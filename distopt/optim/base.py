@@ -159,12 +159,14 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        steps = [
-            stepping.prepare(self, p, param_name(gi, pi, p), group, self.row_shards)
+        todo = [
+            (p, param_name(gi, pi, p), group)
             for gi, group in enumerate(self.param_groups)
             for pi, p in enumerate(group["params"])
             if p.grad is not None
         ]
+        checked = [stepping.check(p, name, self.row_shards) for p, name, _ in todo]  # may raise: nothing changed yet
+        steps = [stepping.prepare(self, p, name, group, *c) for (p, name, group), c in zip(todo, checked)]
         stepping.set_gradient_scales(steps)
         stepping.set_tensor_absmax(steps, type(self).new_absmax_fn, self.coefficients)
         update = type(self).update_fn

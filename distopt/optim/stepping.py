@@ -1,8 +1,9 @@
 """One optimizer step over all parameters (DESIGN §5), for one process or many.
 
-1. ``prepare``: check each gradient, find where the parameter's local tensor sits in
-   the global one (:class:`~distopt.distributed.RowShard`), allocate missing state
-   (DTensors shaped like the parameter when it is one), advance ``step``.
+1. ``check`` every gradient and find where each parameter's local tensor sits in the
+   global one (:class:`~distopt.distributed.RowShard`) before anything changes; then
+   ``prepare``: allocate missing state (DTensors shaped like the parameter when it is
+   one) and advance ``step``.
 2. ``set_gradient_scales``: percentile clipping from full-parameter norms: per-row
    sums of squares of the local rows, one all-reduce for all parameters.
 3. ``set_tensor_absmax``: for ``block_wise=False`` 8-bit state, each state's new local
@@ -91,10 +92,13 @@ def allocate_slot(state: dict, p: torch.Tensor, shard: RowShard, name: str, sign
         state[name] = wrap_like_param(torch.zeros(p_local.shape, device=p_local.device), shard, shape)
 
 
-def prepare(opt, p: torch.Tensor, name: str, group: dict, declared: dict) -> ParamStep:
-    """Check, describe and complete the state of one parameter with a gradient."""
-    grad = checked_grad(p, name)
-    shard = row_shard(p, declared, name)
+def check(p: torch.Tensor, name: str, declared: dict) -> tuple[torch.Tensor, RowShard]:
+    """The local gradient and the RowShard of ``p``, or an error naming it (nothing changed)."""
+    return checked_grad(p, name), row_shard(p, declared, name)
+
+
+def prepare(opt, p: torch.Tensor, name: str, group: dict, grad: torch.Tensor, shard: RowShard) -> ParamStep:
+    """Complete the state of one checked parameter and advance its step."""
     state = opt.state[p]
     device = local(p).device
     if not state:
