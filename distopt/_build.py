@@ -70,10 +70,10 @@ def load() -> bool:
     if "loaded" in _state:
         return bool(_state["loaded"])
     _state["loaded"] = False
+    capability = cpu_capability()  # a bad DISTOPT_CPU_CAPABILITY is the user's error: raise it
     try:
         from torch.utils import cpp_extension
 
-        capability = cpu_capability()
         name = f"distopt_C_{capability.lower()}"
         build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
         if not (build_dir / f"{name}.so").exists():

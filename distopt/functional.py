@@ -151,7 +151,8 @@ def _reference_8bit(param, grad, qstates, gnorm_scale, count, math_fn, c, new_ab
         codes.copy_(_from_blocks(fresh, codes))
         absmax.copy_(a.view(absmax.shape))
     param.copy_(_from_blocks(p_out, param).to(param.dtype))
-    valid = (torch.arange(pb.shape[1] * BLOCK_SIZE) < row_length(grad.shape)).view(1, -1, BLOCK_SIZE)
+    valid = torch.arange(pb.shape[1] * BLOCK_SIZE, device=pb.device) < row_length(grad.shape)
+    valid = valid.view(1, -1, BLOCK_SIZE)
     count += (valid & ~finite).sum()
 
 

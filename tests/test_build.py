@@ -68,3 +68,23 @@ def test_without_a_compiler_distopt_runs_on_the_reference_path_and_says_so_once(
             p.grad, q.grad = torch.randn(64, 256), torch.randn(300)
             opt.step()
     assert f"result: {(p.double().sum() + q.double().sum()).item().hex()}" in done.stdout
+
+
+def test_every_package_and_source_directory_is_installed_by_pyproject():
+    """A wheel must carry every distopt package and the C++ sources (as distopt._csrc)."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "distopt").rglob("__init__.py")}
+    assert found <= listed, f"not in pyproject's packages: {sorted(found - listed)}"
+    source_dirs = {"distopt._csrc" + "".join(f".{part}" for part in d.relative_to(ROOT / "csrc").parts)
+                   for d in [ROOT / "csrc", *(p for p in (ROOT / "csrc").iterdir() if p.is_dir())]}  # fmt: skip
+    assert source_dirs <= listed and all(config["package-dir"][name] for name in source_dirs)
+
+
+def test_a_bad_capability_request_is_an_error_not_a_silent_fallback(monkeypatch):
+    monkeypatch.setenv("DISTOPT_CPU_CAPABILITY", "AVX9000")
+    monkeypatch.setattr(_build, "_state", {})
+    with pytest.raises(ValueError, match="DISTOPT_CPU_CAPABILITY"):
+        _build.load()
