@@ -198,6 +198,8 @@ def _scale_or_one(gnorm_scale: torch.Tensor | None, device: torch.device) -> tor
 
 _BACKENDS = ("auto", "fused", "reference")
 _backend = os.environ.get("DISTOPT_BACKEND", "auto")
+if _backend not in _BACKENDS:
+    raise ValueError(f"DISTOPT_BACKEND must be one of {_BACKENDS}, got {_backend!r}")
 _warned_devices: set[str] = set()
 
 
@@ -356,14 +358,18 @@ def total_sumsq(rows: torch.Tensor) -> torch.Tensor:
 def percentile_scale(history: torch.Tensor, gnorm_sq: torch.Tensor, step: int, percentile: int) -> torch.Tensor:
     """Record ``gnorm_sq`` for ``step`` (1-based) and return the gradient scale.
 
-    ``history`` holds the last 100 squared norms (all slots take the first one);
+    ``history`` holds the last 100 squared norms (all slots take the first non-zero one);
     ``current = sqrt(history[step % 100])``, ``clip = sqrt(sorted(history)[percentile])``,
     and the scale is ``clip / current`` when ``current > clip``, else 1.
     """
     if step == 1:
         history.copy_(gnorm_sq.expand_as(history))
     else:
-        history[step % HISTORY] = gnorm_sq
+        # A history of zeros (zero gradients so far) is seeded by the first non-zero
+        # norm, so that a zero first gradient does not clip later ones to zero.
+        recorded = history.clone()
+        recorded[step % HISTORY] = gnorm_sq
+        history.copy_(torch.where(history.amax() > 0, recorded, gnorm_sq.expand_as(history)))
     current = torch.sqrt(history[step % HISTORY])
     clip = torch.sqrt(torch.sort(history).values[percentile])
     return torch.where(current > clip, clip / current, torch.ones_like(current))

@@ -272,15 +272,24 @@ def encode(normalized: torch.Tensor, qmap_: torch.Tensor) -> torch.Tensor:
     """Codes of the nearest map values to ``normalized`` (already divided by absmax).
 
     Exact: the code is the number of thresholds at or below the value, so a value
-    exactly between two map values takes the lower code.
+    exactly between two map values takes the lower code. One exception, for maps that
+    start at 0 (the unsigned map of second moments): a positive value never takes code
+    0 but at least code 1, so a second moment never decodes to 0 while its gradient
+    history is not 0 (AdamW would otherwise divide a non-zero first moment by eps).
     """
-    return torch.searchsorted(thresholds(qmap_), normalized.contiguous(), right=True).to(torch.uint8)
+    codes = torch.searchsorted(thresholds(qmap_), normalized.contiguous(), right=True)
+    codes = codes.clamp_max(255)
+    if qmap_[0] == 0:
+        codes = torch.where((normalized > 0) & (codes == 0), 1, codes)
+    return codes.to(torch.uint8)
 
 
 def _quantize_blocks(blocks: torch.Tensor, qmap_: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
     """Encode ``[d0, nb, 256]`` fp32 blocks with ``absmax`` broadcastable to ``[d0, nb, 1]``."""
     inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
-    return encode(blocks * inv, qmap_)
+    # a subnormal absmax has no finite reciprocal: divide instead
+    normalized = torch.where(torch.isinf(inv), blocks / absmax, blocks * inv)
+    return encode(normalized, qmap_)
 
 
 def quantize_blockwise(

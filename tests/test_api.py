@@ -241,3 +241,61 @@ def test_a_bad_gradient_anywhere_leaves_every_parameter_and_state_untouched():
         opt.step()
     assert torch.equal(a.detach(), a_before)
     assert all(torch.equal(opt.state[a][k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("cls", [distopt.AdamW8bit, distopt.AdamW32bit])
+def test_turning_amsgrad_off_later_follows_torch(cls):
+    ours = make_params([(64, 256)])
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    opt, ref = cls(ours, amsgrad=True, min_8bit_size=0), torch.optim.AdamW(theirs, amsgrad=True, foreach=False)
+    run_steps(opt, ours, 3, scale=0.1)
+    run_steps(ref, theirs, 3, scale=0.1)
+    opt.param_groups[0]["amsgrad"] = ref.param_groups[0]["amsgrad"] = False
+    run_steps(opt, ours, 5, first_seed=50, scale=0.1)
+    run_steps(ref, theirs, 5, first_seed=50, scale=0.1)
+    err = ((ours[0] - theirs[0]).abs().max() / theirs[0].abs().max()).item()
+    assert err <= (1e-6 if cls is distopt.AdamW32bit else 2e-3)
+
+
+def test_turning_momentum_off_later_follows_torch():
+    ours = make_params([(64, 256)])
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    opt = distopt.SGD32bit(ours, lr=0.1, momentum=0.9, dampening=0.5)
+    ref = torch.optim.SGD(theirs, lr=0.1, momentum=0.9, dampening=0.5, foreach=False)
+    run_steps(opt, ours, 3)
+    run_steps(ref, theirs, 3)
+    opt.param_groups[0]["momentum"] = ref.param_groups[0]["momentum"] = 0.0
+    run_steps(opt, ours, 3, first_seed=50)
+    run_steps(ref, theirs, 3, first_seed=50)
+    assert ((ours[0] - theirs[0]).abs().max() / theirs[0].abs().max()).item() <= 1e-6
+
+
+@pytest.mark.parametrize("path", ["fused", "reference"])
+def test_8bit_adamw_stays_bounded_when_a_rows_gradients_stop(kernels_built, path):
+    """A second moment that rounded to 0 next to a non-zero first moment would divide by
+    eps: an embedding row used once, then never, would jump by ~1e5 * lr."""
+    p = torch.zeros(4, 256, requires_grad=True)
+    with backend(path):
+        opt = distopt.AdamW8bit([p], lr=1e-3, weight_decay=0.0, min_8bit_size=0)
+        g = torch.full((4, 256), 1e-2)
+        g[:, 0] = 1e3
+        p.grad = g
+        opt.step()
+        for _ in range(10):
+            before = p.detach().clone()
+            p.grad = torch.zeros(4, 256)
+            opt.step()
+            assert (p.detach() - before).abs().max() <= 10 * 1e-3
+
+
+@pytest.mark.parametrize("path", ["fused", "reference"])
+def test_a_zero_first_gradient_does_not_clip_later_ones_to_zero(kernels_built, path):
+    (p,) = make_params([(64, 256)])
+    with backend(path):
+        opt = distopt.AdamW8bit([p], lr=1e-2, min_8bit_size=0, percentile_clipping=5)
+        p.grad = torch.zeros(p.shape)
+        opt.step()
+        before = p.detach().clone()
+        run_steps(opt, [p], 5)
+    assert opt.state[p]["gnorm_history"].min() > 0
+    assert (p.detach() - before).abs().mean() > 1e-3  # it trains (about lr per step)

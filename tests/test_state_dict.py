@@ -62,3 +62,25 @@ def test_mismatched_parameter_count_is_rejected_and_nothing_changes(kernels_buil
     with pytest.raises(ValueError, match="2 parameters"):
         other.load_state_dict(opt.state_dict())
     assert not other.state
+
+
+def test_state_of_the_wrong_shape_is_refused_before_anything_changes(kernels_built):
+    params = make_params([(64, 256)])
+    opt = CASES[0].make(params)
+    run_steps(opt, params, 1)
+    other = CASES[0].make(make_params([(32, 256)]))
+    with pytest.raises(ValueError, match="parameter 0's 'exp_avg' has shape"):
+        other.load_state_dict(opt.state_dict())
+    assert not other.state
+
+
+def test_a_torch_adamw_state_dict_loads_and_training_continues():
+    import distopt
+
+    params = make_params([(64, 256)])
+    ref = torch.optim.AdamW(params, lr=1e-3)
+    run_steps(ref, params, 2)
+    opt = distopt.AdamW32bit(clone_params(params), lr=1e-3)
+    opt.load_state_dict(ref.state_dict())
+    assert opt.param_groups[0]["percentile_clipping"] == 100
+    run_steps(opt, opt.param_groups[0]["params"], 1)

@@ -2,7 +2,9 @@
 // absmax = max |x| over a block of BLOCK_SIZE elements of one dim-0 row; an element is
 // stored as the index of the nearest map value to x * (1 / absmax), found exactly by
 // comparing with 255 fp32 thresholds (halfway between two map values: the lower code);
-// a block whose absmax is 0 stores the code of exact 0.
+// a block whose absmax is 0 stores the code of exact 0. For maps that start at 0 (the
+// unsigned map of second moments) a positive value takes at least code 1, so a second
+// moment never decodes to 0 while its first moment does not (see distopt/quant.py).
 #pragma once
 
 #include <cmath>

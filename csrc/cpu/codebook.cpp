@@ -22,6 +22,7 @@ std::unique_ptr<FastCodebook> build(const float* qmap) {
   make_codebook(qmap, fb->book);
   for (int i = 0; i < 255; ++i) fb->threshold[i] = fb->book.threshold[i];
   fb->threshold[255] = INFINITY;
+  fb->positive_floor = qmap[0] == 0.0f ? 1 : 0;
   for (uint32_t b = 0; b < (1u << 16); ++b) {
     const bool negative = b >> 15;
     const float first = from_bits(negative ? (b << 16) | 0xFFFFu : b << 16);  // the bucket's smallest value

@@ -17,6 +17,7 @@ namespace distopt::cpu {
 struct FastCodebook {
   Codebook book;
   float threshold[256];  // book.threshold, then +inf
+  uint8_t positive_floor;  // 1 for maps starting at 0 (see quant.h's floor_positive), else 0
   uint8_t bucket[1 << 16];
 };
 
@@ -27,7 +28,8 @@ inline uint8_t encode_fast(const FastCodebook& fb, float x) {
   uint32_t bits;
   std::memcpy(&bits, &x, sizeof bits);
   const uint8_t code = fb.bucket[bits >> 16];
-  return static_cast<uint8_t>(code + (fb.threshold[code] <= x ? 1 : 0));
+  const uint8_t nearest = static_cast<uint8_t>(code + (code < 255 && fb.threshold[code] <= x ? 1 : 0));
+  return nearest == 0 && x > 0.0f ? fb.positive_floor : nearest;
 }
 
 }  // namespace distopt::cpu

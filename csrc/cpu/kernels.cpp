@@ -43,6 +43,10 @@ float max_abs(const float* x, int64_t n) {
 
 void encode_block(const float* x, int64_t n, float absmax, const FastCodebook& book, uint8_t* codes) {
   const float inv = inverse_absmax(absmax);
+  if (std::isinf(inv)) {  // a subnormal absmax has no finite reciprocal: divide instead
+    for (int64_t i = 0; i < n; ++i) codes[i] = encode_fast(book, x[i] / absmax);
+    return;
+  }
   for (int64_t i = 0; i < n; ++i) codes[i] = encode_fast(book, x[i] * inv);
 }
 

@@ -47,6 +47,10 @@ def shard_rows(
         raise ValueError(f"shard_rows: {name} (shape {tuple(param.shape)}) is not in this optimizer")
     if optimizer.state.get(param):
         raise RuntimeError(f"shard_rows: {name} already has state; declare its sharding before its first step")
+    if param.dim() == 0:
+        raise ValueError("shard_rows: a 0-d parameter has no rows to shard")
+    if group is None and not dist.is_initialized():
+        raise RuntimeError("shard_rows: no process group is initialized; pass group= or call init_process_group")
     global_shape = tuple(int(d) for d in global_shape)
     if len(global_shape) != param.dim() or global_shape[1:] != tuple(param.shape[1:]):
         raise ValueError(f"shard_rows: global_shape {global_shape} does not extend local shape {tuple(param.shape)}")

@@ -110,6 +110,7 @@ class AdamW(QuantizedOptimizer):
             slots.append(("max_exp_avg_sq", False))
         return slots
 
+    all_slots = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     update_fn = staticmethod(F.adamw_update)
     new_absmax_fn = staticmethod(F.adamw_new_absmax)
 

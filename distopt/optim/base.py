@@ -122,6 +122,9 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         """Raise ValueError naming any invalid hyperparameter of ``group``."""
         raise NotImplementedError
 
+    all_slots: tuple[str, ...] = ()
+    """Every state slot this optimizer can keep (those not in use are left alone)."""
+
     def state_slots(self, group: Mapping[str, Any]) -> list[tuple[str, bool]]:
         """(name, signed) of each state tensor a parameter of ``group`` keeps."""
         raise NotImplementedError
@@ -141,6 +144,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         self.check_hyperparameters(merged)
         check_quantization_args(merged)
         params = param_group["params"]
+        if isinstance(params, set):
+            raise TypeError("distopt: a param group's params must be an ordered sequence, not a set")
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         for i, p in enumerate(params):
             if isinstance(p, torch.Tensor) and p.dtype not in _SUPPORTED_DTYPES:
@@ -209,8 +214,13 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         params = [p for g in groups for p in g["params"]]
         if len(ids) != len(params):
             raise ValueError(f"state dict has {len(ids)} parameters, the optimizer {len(params)}")
+        for i, p in zip(ids, params):
+            _check_saved_state(saved.get(i, {}), p, i)
         originals = {i: {k: v for k, v in saved[i].items()} for i in ids if i in saved}
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # e.g. a torch.optim state dict: fill distopt's own keys
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
         for i, p in zip(ids, params):
             if i not in originals:
                 continue
@@ -220,6 +230,19 @@ class QuantizedOptimizer(torch.optim.Optimizer):
                     self.state[p][key] = value.detach().to(device=device, copy=True)
                 else:
                     self.state[p][key] = copy.deepcopy(value)
+
+
+def _check_saved_state(saved: Mapping[str, Any], p: torch.Tensor, index: int) -> None:
+    """Refuse saved state that does not fit parameter ``p`` (before anything is loaded)."""
+    for key, value in saved.items():
+        if not torch.is_tensor(value) or key in ("step", "nonfinite_count", "gnorm_history"):
+            continue
+        expected = p.shape if not key.endswith("_absmax") else None
+        if expected is not None and value.shape != expected:
+            raise ValueError(
+                f"state dict: parameter {index}'s {key!r} has shape {tuple(value.shape)}, "
+                f"the parameter {tuple(p.shape)}"
+            )
 
 
 def _warn_paged_once() -> None:

@@ -59,6 +59,8 @@ def row_shard(p: torch.Tensor, declared: dict, name: str) -> RowShard:
 
 def checked_grad(p: torch.Tensor, name: str) -> torch.Tensor:
     grad = p.grad
+    if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"distopt: {name} has dtype {p.dtype}; supported: float32, bfloat16, float16")
     if grad.is_sparse or grad.layout != torch.strided:
         raise RuntimeError(f"distopt: {name} has a sparse gradient; distopt does not support them")
     if grad.is_complex() or p.is_complex():
@@ -101,8 +103,9 @@ def prepare(opt, p: torch.Tensor, name: str, group: dict, grad: torch.Tensor, sh
     """Complete the state of one checked parameter and advance its step."""
     state = opt.state[p]
     device = local(p).device
-    if not state:
+    if "step" not in state:
         state["step"] = torch.zeros((), dtype=torch.float32)
+    if "nonfinite_count" not in state:  # also for state loaded from torch.optim
         state["nonfinite_count"] = torch.zeros((), dtype=torch.int64, device=device)
     fresh = frozenset(n for n, _ in opt.state_slots(group) if n not in state)
     for slot, signed in opt.state_slots(group):
@@ -120,11 +123,19 @@ def prepare(opt, p: torch.Tensor, name: str, group: dict, grad: torch.Tensor, sh
         shard=shard,
         param=param if param.is_contiguous() else param.contiguous(),
         grad=grad,
-        state={k: local(v) for k, v in state.items()},
+        state=active_state(opt, state, group),
         step=int(state["step"].item()),
         fused=F.use_fused(device),
         fresh=fresh,
     )
+
+
+def active_state(opt, state: dict, group) -> dict[str, torch.Tensor]:
+    """The local tensors of the state the group's settings use now: a slot kept from
+    earlier settings (``max_exp_avg_sq`` after amsgrad was turned off, a momentum buffer
+    after momentum was set to 0) stays in the state but takes no part in the update."""
+    inactive = set(opt.all_slots) - {name for name, _ in opt.state_slots(group)}
+    return {k: local(v) for k, v in state.items() if k.removesuffix("_absmax") not in inactive}
 
 
 def set_gradient_scales(steps: list[ParamStep]) -> None:
