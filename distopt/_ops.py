@@ -51,7 +51,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("distopt::row_sumsq")
     def _(grad):
         rows = grad.shape[0] if grad.dim() >= 1 else 1
-        return grad.new_empty((rows,), dtype=torch.float32)
+        return grad.new_empty((rows,), dtype=torch.float64)
 
     @torch.library.register_fake("distopt::quantize_blockwise")
     def _(x, qmap, block_wise):

@@ -115,6 +115,8 @@ def _reference_32bit(param, grad, states, gnorm_scale, count, math_fn, c):
     finite = torch.isfinite(g)
     g = torch.where(finite, g, 0.0) * gnorm_scale
     p_new, new = math_fn(param.float(), g, [s for s in states], c)
+    for n in new:  # a finite gradient so large that a new state overflows is skipped too
+        finite = finite & torch.isfinite(n)
     for s, n in zip(states, new):
         s.copy_(torch.where(finite, n, s))
     param.copy_(torch.where(finite, p_new, param.float()).to(param.dtype))
@@ -128,6 +130,8 @@ def _reference_8bit_states(param, grad, qstates, gnorm_scale, math_fn, c):
     old = [_as_blocks(q[codes.long()]) * _absmax_view(absmax) for codes, absmax, q in qstates]
     pb = _as_blocks(param)
     p_new, new = math_fn(pb, torch.where(finite, gb, 0.0) * gnorm_scale, old, c)
+    for n in new:  # a finite gradient so large that a new state overflows is skipped too
+        finite = finite & torch.isfinite(n).all(dim=-1, keepdim=True)
     new = [torch.where(finite, n, o) for n, o in zip(new, old)]
     return finite, pb, torch.where(finite, p_new, pb), new
 
@@ -339,20 +343,20 @@ HISTORY = 100
 
 
 def row_sumsq(grad: torch.Tensor, *, fused: bool) -> torch.Tensor:
-    """fp32 sum of squares of the finite elements of each dim-0 row of ``grad``."""
+    """float64 sum of squares of the finite elements of each dim-0 row of ``grad``."""
     if fused:
         return _ops.ops().row_sumsq(grad)
     rows = grad.shape[0] if grad.dim() >= 1 else 1
-    g = grad.reshape(rows, row_length(grad.shape)).float()
+    g = grad.reshape(rows, row_length(grad.shape)).double()
     g = torch.where(torch.isfinite(g), g, 0.0)
     return (g * g).sum(dim=1)
 
 
 def total_sumsq(rows: torch.Tensor) -> torch.Tensor:
-    """Sum of per-row sums in a fixed (sequential) order, identical on every rank."""
+    """Sum of per-row sums (float64) in a fixed (sequential) order, identical on every rank."""
     if rows.numel() == 0:
-        return torch.zeros((), dtype=torch.float32, device=rows.device)
-    return rows.double().cumsum(0)[-1].float()
+        return torch.zeros((), dtype=torch.float64, device=rows.device)
+    return rows.double().cumsum(0)[-1]
 
 
 def percentile_scale(history: torch.Tensor, gnorm_sq: torch.Tensor, step: int, percentile: int) -> torch.Tensor:
@@ -372,4 +376,4 @@ def percentile_scale(history: torch.Tensor, gnorm_sq: torch.Tensor, step: int, p
         history.copy_(torch.where(history.amax() > 0, recorded, gnorm_sq.expand_as(history)))
     current = torch.sqrt(history[step % HISTORY])
     clip = torch.sqrt(torch.sort(history).values[percentile])
-    return torch.where(current > clip, clip / current, torch.ones_like(current))
+    return torch.where(current > clip, clip / current, torch.ones_like(current)).float()

@@ -103,3 +103,26 @@ def test_nonfinite_counts_are_readable_per_parameter(kernels_built):
     b.grad = torch.randn(b.shape)
     opt.step()
     assert opt.nonfinite_counts() == {a: a.numel(), b: 0}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("clip", [100, 5])
+@pytest.mark.parametrize("cls", [distopt.AdamW8bit, distopt.AdamW32bit])
+def test_a_finite_gradient_that_overflows_the_state_is_skipped_like_a_nonfinite_one(kernels_built, cls, clip, path):
+    """g = 1e21 is finite but g * g overflows fp32: without clipping its block (8-bit) or
+    element (32-bit) is skipped and counted; with clipping the float64 norm scales it down."""
+    p = torch.randn(4, 256, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    with backend(path):
+        opt = cls([p], min_8bit_size=0, percentile_clipping=clip)
+        p.grad = torch.randn(4, 256)
+        opt.step()
+        before = p.detach().clone()
+        g = torch.randn(4, 256)
+        g[1, 5] = 1e21
+        p.grad = g
+        opt.step()
+    state = opt.state[p]
+    assert torch.isfinite(p).all() and all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    skipped = 0 if clip < 100 else 256 if cls is distopt.AdamW8bit else 1
+    assert int(state["nonfinite_count"]) == skipped
+    assert not torch.equal(p.detach()[0], before[0])

@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "macros.h"
 
@@ -42,6 +43,13 @@ DISTOPT_HD uint8_t encode(const float* threshold, float x) {
   int lo = 0;
   for (int step = 128; step >= 1; step >>= 1) lo += (threshold[lo + step - 1] <= x) ? step : 0;
   return static_cast<uint8_t>(lo);
+}
+
+// Finite test on the bits (exponent not all ones), immune to finite-math assumptions.
+DISTOPT_HD bool finite_bits(float x) {
+  uint32_t bits;
+  memcpy(&bits, &x, sizeof bits);
+  return (bits & 0x7f800000u) != 0x7f800000u;
 }
 
 DISTOPT_HD float inverse_absmax(float absmax) { return absmax > 0.0f ? 1.0f / absmax : 0.0f; }

@@ -31,7 +31,7 @@ float load(P x) {
 
 bool all_finite(const float* x, int64_t n) {
   bool finite = true;
-  for (int64_t i = 0; i < n; ++i) finite &= std::isfinite(x[i]);
+  for (int64_t i = 0; i < n; ++i) finite &= finite_bits(x[i]);
   return finite;
 }
 
@@ -43,7 +43,7 @@ float max_abs(const float* x, int64_t n) {
 
 void encode_block(const float* x, int64_t n, float absmax, const FastCodebook& book, uint8_t* codes) {
   const float inv = inverse_absmax(absmax);
-  if (std::isinf(inv)) {  // a subnormal absmax has no finite reciprocal: divide instead
+  if (!finite_bits(inv)) {  // a subnormal absmax has no finite reciprocal: divide instead
     for (int64_t i = 0; i < n; ++i) codes[i] = encode_fast(book, x[i] / absmax);
     return;
   }
@@ -87,13 +87,16 @@ void run_8bit(const Blocked8bit<P>& a, const Rule& rule, float* max_out) {
       const BlockSpan span = block_span(b, a.row_length);
       const int64_t n = span.length, at = span.start, ai = a.block_wise ? b : 0;
       for (int64_t i = 0; i < n; ++i) g[i] = load(a.grad[at + i]);
-      const bool finite = all_finite(g, n);
-      for (int s = 0; s < ns; ++s) {
-        const float scale = a.state[s].absmax[ai];
-        const uint8_t* codes = a.state[s].codes + at;
-        const float* value = books[s]->book.value;
-        for (int64_t i = 0; i < n; ++i) st[s][i] = value[codes[i]] * scale;
-      }
+      bool finite = all_finite(g, n);
+      auto dequantize = [&] {
+        for (int s = 0; s < ns; ++s) {
+          const float scale = a.state[s].absmax[ai];
+          const uint8_t* codes = a.state[s].codes + at;
+          const float* value = books[s]->book.value;
+          for (int64_t i = 0; i < n; ++i) st[s][i] = value[codes[i]] * scale;
+        }
+      };
+      dequantize();
       if (finite) {
         for (int64_t i = 0; i < n; ++i) {
           p[i] = load(a.param[at + i]);
@@ -101,9 +104,11 @@ void run_8bit(const Blocked8bit<P>& a, const Rule& rule, float* max_out) {
           rule(p[i], g[i] * a.gnorm_scale, e);
           for (int s = 0; s < ns; ++s) st[s][i] = e[s];
         }
-      } else {
-        local_skipped += n;
+        // a finite gradient so large that a new state overflows is skipped the same way
+        for (int s = 0; s < ns; ++s) finite &= finite_bits(max_abs(st[s], n));
+        if (!finite) dequantize();
       }
+      if (!finite) local_skipped += n;
       if (max_out != nullptr) {
         for (int s = 0; s < ns; ++s) local_max[s] = maximum(local_max[s], max_abs(st[s], n));
         continue;
@@ -150,7 +155,7 @@ void run_32bit_n(const Elementwise32bit<P>& a, const Rule& rule) {
     int64_t local_skipped = 0;
     for (int64_t i = begin; i < end; ++i) {
       const float g = load(grad[i]);
-      const bool finite = std::isfinite(g);
+      bool finite = finite_bits(g);
       const float p0 = load(param[i]);
       float old[3] = {0.0f, 0.0f, 0.0f};
       if (NS > 0) old[0] = s0[i];
@@ -158,6 +163,7 @@ void run_32bit_n(const Elementwise32bit<P>& a, const Rule& rule) {
       if (NS > 2) old[2] = s2[i];
       float p = p0, e[3] = {old[0], old[1], old[2]};
       rule(p, finite ? g * a.gnorm_scale : 0.0f, e);
+      for (int s = 0; s < NS; ++s) finite &= finite_bits(e[s]);  // an overflowing state: skipped too
       param[i] = finite ? static_cast<P>(p) : param[i];
       if (NS > 0) s0[i] = finite ? e[0] : old[0];
       if (NS > 1) s1[i] = finite ? e[1] : old[1];
@@ -223,22 +229,23 @@ void sgd32(const Elementwise32bit<P>& a, const SGDCoeffs& c) {
 }
 
 template <typename P>
-void row_sumsq(const P* grad, int64_t rows, int64_t row_length, float* out) {
-  constexpr int64_t kLanes = 16;
-  at::parallel_for(0, rows, std::max<int64_t>(1, kElementGrain / row_length), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const P* row = grad + r * row_length;
-      float lane[kLanes] = {};
-      for (int64_t i = 0; i < row_length; ++i) {
-        const float x = load(row[i]);
-        lane[i % kLanes] += std::isfinite(x) ? x * x : 0.0f;
-      }
-      for (int64_t width = kLanes / 2; width >= 1; width /= 2) {
-        for (int64_t l = 0; l < width; ++l) lane[l] += lane[l + width];
-      }
-      out[r] = lane[0];
-    }
-  });
+void row_sumsq(const P* grad, int64_t rows, int64_t row_length, double* out) {
+  constexpr int64_t kLanes = 8;
+  at::parallel_for(0, rows, std::max<int64_t>(1, kElementGrain / std::max<int64_t>(row_length, 1)),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t r = begin; r < end; ++r) {
+                       const P* row = grad + r * row_length;
+                       double lane[kLanes] = {};
+                       for (int64_t i = 0; i < row_length; ++i) {
+                         const float x = load(row[i]);
+                         lane[i % kLanes] += finite_bits(x) ? double(x) * double(x) : 0.0;
+                       }
+                       for (int64_t width = kLanes / 2; width >= 1; width /= 2) {
+                         for (int64_t l = 0; l < width; ++l) lane[l] += lane[l + width];
+                       }
+                       out[r] = lane[0];
+                     }
+                   });
 }
 
 void quantize_blockwise(const float* x, int64_t rows, int64_t row_length, bool block_wise,
@@ -283,7 +290,7 @@ void dequantize_blockwise(const uint8_t* codes, const float* absmax, int64_t row
   template void sgd8bit_new_absmax<P>(const Blocked8bit<P>&, const SGDCoeffs&, float*);     \
   template void adamw32<P>(const Elementwise32bit<P>&, const AdamWCoeffs&);                 \
   template void sgd32<P>(const Elementwise32bit<P>&, const SGDCoeffs&);                     \
-  template void row_sumsq<P>(const P*, int64_t, int64_t, float*);
+  template void row_sumsq<P>(const P*, int64_t, int64_t, double*);
 
 DISTOPT_INSTANTIATE(float)
 DISTOPT_INSTANTIATE(c10::BFloat16)

@@ -58,9 +58,10 @@ void adamw32(const Elementwise32bit<P>& a, const AdamWCoeffs& c);
 template <typename P>
 void sgd32(const Elementwise32bit<P>& a, const SGDCoeffs& c);
 
-// Sum of squares of the finite elements of each row, in a fixed order.
+// Sum of squares of the finite elements of each row, in float64 (no overflow for any
+// finite fp32 gradient), in a fixed order.
 template <typename P>
-void row_sumsq(const P* grad, int64_t rows, int64_t row_length, float* out);
+void row_sumsq(const P* grad, int64_t rows, int64_t row_length, double* out);
 
 void quantize_blockwise(const float* x, int64_t rows, int64_t row_length, bool block_wise,
                         const float* qmap, uint8_t* codes, float* absmax);

@@ -233,11 +233,11 @@ void sgd32_op(Tensor param, const Tensor& grad, c10::optional<Tensor> buf, const
 
 Tensor row_sumsq_op(const Tensor& grad) {
   TORCH_CHECK(grad.is_contiguous(), "distopt: row_sumsq needs a contiguous gradient");
-  Tensor out = at::empty({rows_of(grad)}, grad.options().dtype(at::kFloat));
-  if (grad.numel() == 0) return out.zero_();
+  Tensor out = at::zeros({rows_of(grad)}, grad.options().dtype(at::kDouble));
+  if (grad.numel() == 0) return out;
   dispatch_dtype(grad, "row_sumsq", [&](auto tag) {
     using scalar_t = decltype(tag);
-    row_sumsq(grad.data_ptr<scalar_t>(), rows_of(grad), row_length_of(grad), out.data_ptr<float>());
+    row_sumsq(grad.data_ptr<scalar_t>(), rows_of(grad), row_length_of(grad), out.data_ptr<double>());
   });
   return out;
 }

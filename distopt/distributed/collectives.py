@@ -31,7 +31,7 @@ def sum_rows(local_rows: list[torch.Tensor], shards: list[RowShard]) -> list[tor
     out = list(local_rows)
     for group, members in _by_group(shards).items():
         sizes = [shards[i].global_rows for i in members]
-        flat = torch.zeros(sum(sizes), dtype=torch.float32, device=local_rows[members[0]].device)
+        flat = torch.zeros(sum(sizes), dtype=local_rows[members[0]].dtype, device=local_rows[members[0]].device)
         start = 0
         for i, size in zip(members, sizes):
             offset = start + shards[i].row_offset

@@ -112,7 +112,7 @@ def prepare(opt, p: torch.Tensor, name: str, group: dict, grad: torch.Tensor, sh
         if slot in fresh:
             allocate_slot(state, p, shard, slot, signed, group)
     if group["percentile_clipping"] < 100 and "gnorm_history" not in state:
-        state["gnorm_history"] = torch.zeros(F.HISTORY, dtype=torch.float32, device=device)
+        state["gnorm_history"] = torch.zeros(F.HISTORY, dtype=torch.float64, device=device)
         fresh |= {"gnorm_history"}
     state["step"] += 1
     param = local(p)
