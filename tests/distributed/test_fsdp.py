@@ -27,19 +27,19 @@ def references():
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_fsdp2_matches_one_process_bitwise(kernels_built, references, world_size):
-    results = harness.run(workers.fsdp_runs, world_size, INVARIANCE_CASES, CLIPS, (1, 2), STEPS)[0]
-    for (name, clip, threads), snap in results.items():
-        try:
-            assert_same_snapshots(snap, references[(name, clip)])
-        except AssertionError as err:
-            raise AssertionError(f"{name}, percentile_clipping={clip}, {threads} threads: {err}") from err
+    for rank, results in enumerate(harness.run(workers.fsdp_runs, world_size, INVARIANCE_CASES, CLIPS, (1, 2), STEPS)):
+        for (name, clip, threads), snap in results.items():
+            try:
+                assert_same_snapshots(snap, references[(name, clip)])
+            except AssertionError as err:
+                raise AssertionError(f"rank {rank}: {name}, percentile_clipping={clip}, {threads} threads") from err
 
 
 def test_hsdp_matches_one_process_bitwise(kernels_built, references):
     names = ["AdamW8bit", "AdamW8bit-tensorwise"]
-    results = harness.run(workers.fsdp_runs, 4, names, CLIPS, (1,), STEPS, (2, 2))[0]
-    for (name, clip, _), snap in results.items():
-        assert_same_snapshots(snap, references[(name, clip)])
+    for results in harness.run(workers.fsdp_runs, 4, names, CLIPS, (1,), STEPS, (2, 2)):  # both replicas
+        for (name, clip, _), snap in results.items():
+            assert_same_snapshots(snap, references[(name, clip)])
 
 
 def test_one_all_reduce_for_statistics_and_one_max_for_tensorwise_absmax(kernels_built):

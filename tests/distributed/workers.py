@@ -11,7 +11,7 @@ from tests.distributed.workloads import Params, case, snapshot, train
 
 
 def fsdp_runs(rank, world_size, names, clips, thread_counts, steps, mesh_shape=None):
-    """FSDP2 (or HSDP for a 2-D mesh) runs of every (case, clip, threads); rank 0's snapshots."""
+    """FSDP2 (or HSDP for a 2-D mesh) runs of every (case, clip, threads); each rank's full snapshots."""
     shape = tuple(mesh_shape or (world_size,))
     mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard")[-len(shape) :])
     out = {}
@@ -25,7 +25,7 @@ def fsdp_runs(rank, world_size, names, clips, thread_counts, steps, mesh_shape=N
                 opt = case(name).make(params, percentile_clipping=clip)
                 train(opt, params, steps)
                 out[(name, clip, threads)] = snapshot(opt, params)
-    return out if rank == 0 else None
+    return out
 
 
 def count_collectives(rank, world_size):
