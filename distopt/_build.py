@@ -62,7 +62,8 @@ def cpu_sources() -> list[str]:
 
 
 def cflags(capability: str) -> list[str]:
-    return ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", *_CAPABILITY_FLAGS[capability]]
+    # no -std: torch's own flags name the C++ standard its headers need (C++20 from 2.14)
+    return ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", *_CAPABILITY_FLAGS[capability]]
 
 
 def load() -> bool:
