@@ -30,7 +30,6 @@ import torch.distributed as dist
 from ..distributed.sharding import RowShard
 from . import stepping
 
-_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GROUP_OVERRIDES = ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise")
 """Arguments a param group may set for its own parameters."""
 
@@ -148,7 +147,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             raise TypeError("distopt: a param group's params must be an ordered sequence, not a set")
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         for i, p in enumerate(params):
-            if isinstance(p, torch.Tensor) and p.dtype not in _SUPPORTED_DTYPES:
+            if isinstance(p, torch.Tensor) and p.dtype not in stepping.SUPPORTED_DTYPES:
                 raise TypeError(
                     f"distopt: parameter {i} of the new param group has dtype {p.dtype}; "
                     "supported: float32, bfloat16, float16"

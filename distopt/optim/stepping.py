@@ -27,6 +27,9 @@ from ..distributed import collectives
 from ..distributed.sharding import RowShard, describe_dtensor, local, wrap_like_param, wrap_replicated
 from ..quant import absmax_shape, uses_8bit_state, zero_code
 
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""Parameter (and gradient) dtypes the updates take; the math is fp32 for all of them."""
+
 
 @dataclass
 class ParamStep:
@@ -59,7 +62,7 @@ def row_shard(p: torch.Tensor, declared: dict, name: str) -> RowShard:
 
 def checked_grad(p: torch.Tensor, name: str) -> torch.Tensor:
     grad = p.grad
-    if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if p.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"distopt: {name} has dtype {p.dtype}; supported: float32, bfloat16, float16")
     if grad.is_sparse or grad.layout != torch.strided:
         raise RuntimeError(f"distopt: {name} has a sparse gradient; distopt does not support them")
