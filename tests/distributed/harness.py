@@ -25,6 +25,7 @@ def _worker(fn, rank: int, world_size: int, tmp: str, threads: int, args: tuple)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(tmp, f"result{rank}.pt"))
+        dist.barrier()  # lets gloo's threads free the last collective's tensors (see launch/train.py)
     except BaseException:
         with open(os.path.join(tmp, f"error{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())
