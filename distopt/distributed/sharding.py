@@ -71,6 +71,14 @@ def describe_dtensor(p: DTensor, name: str) -> RowShard:
     return RowShard(tuple(p.shape), offset[0] if offset else 0, group, mesh, placements)
 
 
+def row_shard(p: torch.Tensor, declared: dict, name: str) -> RowShard:
+    """The RowShard of ``p``: from its DTensor layout, its :func:`shard_rows` declaration
+    (``declared``), or the whole tensor."""
+    if isinstance(p, DTensor):
+        return describe_dtensor(p, name)
+    return declared.get(p) or RowShard(tuple(p.shape))
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """The local tensor of a DTensor (the same storage), or ``t`` itself."""
     return t.to_local() if isinstance(t, DTensor) else t

@@ -110,7 +110,9 @@ class AdamW(QuantizedOptimizer):
             slots.append(("max_exp_avg_sq", False))
         return slots
 
+    family = "AdamW"
     all_slots = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    required_slots = ("exp_avg", "exp_avg_sq")
     update_fn = staticmethod(F.adamw_update)
     new_absmax_fn = staticmethod(F.adamw_new_absmax)
 

@@ -12,13 +12,15 @@ how one parameter is updated; everything else is here:
 - ``step`` is a 0-d fp32 CPU tensor per parameter (as in torch.optim);
   ``nonfinite_count`` (0-d int64) counts elements skipped for non-finite gradients;
   ``gnorm_history`` (100 fp32) exists when percentile clipping is on;
-- ``load_state_dict`` keeps every state tensor's dtype (torch.optim would cast uint8
-  codes and fp32 absmax to the parameter's dtype).
+- ``state_dict()`` / ``load_state_dict()`` go through the hooks of
+  :mod:`distopt.distributed.state_dict`: quantized state stays quantized, DTensors stay
+  laid out like their parameters, everything is checked before anything changes, and
+  every state tensor keeps its dtype (torch.optim would cast uint8 codes and fp32
+  absmax to the parameter's dtype).
 """
 
 from __future__ import annotations
 
-import copy
 import numbers
 import warnings
 from collections.abc import Iterable, Mapping
@@ -27,7 +29,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..distributed.sharding import RowShard
+from ..distributed import state_dict as checkpoint_hooks
+from ..distributed.sharding import RowShard, row_shard
 from . import stepping
 
 GROUP_OVERRIDES = ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise")
@@ -107,6 +110,9 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         self.row_shards: dict[torch.Tensor, RowShard] = {}
         """Plain-tensor parameters declared as row shards (:func:`distopt.distributed.shard_rows`)."""
         super().__init__(params, defaults)
+        self.register_state_dict_post_hook(checkpoint_hooks.state_dict_post_hook)
+        self.register_load_state_dict_pre_hook(checkpoint_hooks.load_pre_hook)
+        self.register_load_state_dict_post_hook(checkpoint_hooks.load_post_hook, prepend=True)
         if self.is_paged:
             _warn_paged_once()
 
@@ -121,8 +127,14 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         """Raise ValueError naming any invalid hyperparameter of ``group``."""
         raise NotImplementedError
 
+    family: str = ""
+    """The optimizer family a saved state dict must come from (``"AdamW"``, ``"SGD"``)."""
+
     all_slots: tuple[str, ...] = ()
     """Every state slot this optimizer can keep (those not in use are left alone)."""
+
+    required_slots: tuple[str, ...] = ()
+    """Slots that a saved parameter state must hold (others may start afresh)."""
 
     def state_slots(self, group: Mapping[str, Any]) -> list[tuple[str, bool]]:
         """(name, signed) of each state tensor a parameter of ``group`` keeps."""
@@ -191,7 +203,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         counts = {p: int(self.state[p]["nonfinite_count"]) for p in params}
         by_group: dict[object, list[torch.Tensor]] = {}
         for p in params:
-            group = stepping.row_shard(p, self.row_shards, "").group
+            group = row_shard(p, self.row_shards, "").group
             if group is not None:
                 by_group.setdefault(group, []).append(p)
         for group, members in by_group.items():
@@ -199,49 +211,6 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             dist.all_reduce(total, group=group)
             counts.update(zip(members, total.tolist()))
         return counts
-
-    # --- checkpoints --------------------------------------------------------------------
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict, keeping every state tensor's dtype (uint8 codes, fp32 state)."""
-        saved = state_dict["state"]
-        groups = self.param_groups
-        saved_groups = state_dict["param_groups"]
-        if len(groups) != len(saved_groups):
-            raise ValueError(f"state dict has {len(saved_groups)} param groups, the optimizer {len(groups)}")
-        ids = [i for g in saved_groups for i in g["params"]]
-        params = [p for g in groups for p in g["params"]]
-        if len(ids) != len(params):
-            raise ValueError(f"state dict has {len(ids)} parameters, the optimizer {len(params)}")
-        for i, p in zip(ids, params):
-            _check_saved_state(saved.get(i, {}), p, i)
-        originals = {i: {k: v for k, v in saved[i].items()} for i in ids if i in saved}
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:  # e.g. a torch.optim state dict: fill distopt's own keys
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-        for i, p in zip(ids, params):
-            if i not in originals:
-                continue
-            for key, value in originals[i].items():
-                if torch.is_tensor(value):
-                    device = value.device if key == "step" else p.device
-                    self.state[p][key] = value.detach().to(device=device, copy=True)
-                else:
-                    self.state[p][key] = copy.deepcopy(value)
-
-
-def _check_saved_state(saved: Mapping[str, Any], p: torch.Tensor, index: int) -> None:
-    """Refuse saved state that does not fit parameter ``p`` (before anything is loaded)."""
-    for key, value in saved.items():
-        if not torch.is_tensor(value) or key in ("step", "nonfinite_count", "gnorm_history"):
-            continue
-        expected = p.shape if not key.endswith("_absmax") else None
-        if expected is not None and value.shape != expected:
-            raise ValueError(
-                f"state dict: parameter {index}'s {key!r} has shape {tuple(value.shape)}, "
-                f"the parameter {tuple(p.shape)}"
-            )
 
 
 def _warn_paged_once() -> None:

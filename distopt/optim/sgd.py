@@ -98,6 +98,7 @@ class SGD(QuantizedOptimizer):
     def state_slots(self, group):
         return [("momentum_buffer", True)] if group["momentum"] != 0 else []
 
+    family = "SGD"
     all_slots = ("momentum_buffer",)
     update_fn = staticmethod(F.sgd_update)
     new_absmax_fn = staticmethod(F.sgd_new_absmax)

@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor
 
 from .. import functional as F
 from ..distributed import collectives
-from ..distributed.sharding import RowShard, describe_dtensor, local, wrap_like_param, wrap_replicated
+from ..distributed.sharding import RowShard, local, row_shard, wrap_like_param, wrap_replicated
 from ..quant import absmax_shape, uses_8bit_state, zero_code
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -52,12 +52,6 @@ class ParamStep:
         target = local(self.p)
         if target.data_ptr() != self.param.data_ptr() or not target.is_contiguous():
             target.copy_(self.param.view(target.shape))
-
-
-def row_shard(p: torch.Tensor, declared: dict, name: str) -> RowShard:
-    if isinstance(p, DTensor):
-        return describe_dtensor(p, name)
-    return declared.get(p) or RowShard(tuple(p.shape))
 
 
 def checked_grad(p: torch.Tensor, name: str) -> torch.Tensor:

@@ -54,9 +54,10 @@ def shard_like(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     return DTensor.from_local(local.contiguous(), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
 
 
-def train(opt, params, steps: int) -> None:
+def train(opt, params, steps: int, first: int = 0) -> None:
+    """Steps ``first .. first + steps - 1`` of the seeded gradient sequence."""
     shapes = [tuple(p.shape) for p in params]
-    for k in range(steps):
+    for k in range(first, first + steps):
         for p, g in zip(params, full_grads(shapes, k)):
             p.grad = shard_like(p, g)
         opt.step()

@@ -1,0 +1,280 @@
+"""The optimizer's state dict in one process, under DDP and under FSDP2: what it holds,
+how it is checked, and how a saved state finds its way back into the right tensors.
+
+:meth:`QuantizedOptimizer.state_dict` is torch's, finished by :func:`state_dict_post_hook`:
+
+- 8-bit state stays 8-bit: uint8 ``codes`` plus fp32 ``<slot>_absmax``, never expanded;
+  32-bit state is fp32. Under FSDP2 they are the live DTensors, with the parameter's mesh
+  and placements (block-wise absmax ``[d0, blocks per row]`` is split by rows like the
+  parameter; a per-tensor absmax is replicated), so torch's checkpoint APIs gather or
+  reshard them exactly. Declared row shards (:func:`~distopt.distributed.shard_rows`)
+  are plain tensors, so they are gathered here into whole tensors.
+- ``step`` (0-d fp32) and ``gnorm_history`` (float64, 100) are the same on every rank.
+- ``nonfinite_count`` becomes the whole parameter's count (one all-reduce per process
+  group: under FSDP2 every rank calls ``state_dict()`` together, as torch's APIs do).
+- each param group is tagged ``"distopt": <family>`` (``"AdamW"`` or ``"SGD"``).
+
+Loading (:func:`load_pre_hook`, then torch's bookkeeping, then :func:`load_post_hook`)
+checks the whole state dict first: parameter and group counts, hyperparameters, the
+optimizer family, every key, shape and dtype. Only when all of it fits does anything
+change, and then every value keeps its saved dtype (torch's own ``load_state_dict``
+would cast uint8 codes and fp32 state to the parameter's dtype). A saved tensor may be
+a DTensor (sharded load: its local part is taken) or a whole tensor (full state dict:
+this rank's rows are cut from it); either way the result is laid out like the
+parameter. A saved ``nonfinite_count`` total goes to the shard group's first rank.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from ..quant import absmax_shape, uses_8bit_state
+from .sharding import RowShard, row_shard, wrap_like_param, wrap_replicated
+
+if TYPE_CHECKING:
+    from ..optim.base import QuantizedOptimizer
+
+FAMILY_KEY = "distopt"
+"""Param-group key naming the optimizer family in a saved state dict."""
+
+_SCALARS = ("step", "nonfinite_count")
+
+
+def _params(opt: QuantizedOptimizer) -> list[torch.Tensor]:
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
+def _names(opt: QuantizedOptimizer) -> list[str]:
+    from ..optim.base import param_name
+
+    return [param_name(gi, pi, p) for gi, g in enumerate(opt.param_groups) for pi, p in enumerate(g["params"])]
+
+
+# --- saving ------------------------------------------------------------------------------------
+
+
+def state_dict_post_hook(opt: QuantizedOptimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Whole-parameter ``nonfinite_count`` totals, gathered row shards, family tags."""
+    params = _params(opt)
+    totals = opt.nonfinite_counts()
+    state = {}
+    for index, saved in state_dict["state"].items():
+        p = params[index]
+        saved = dict(saved)  # torch hands out the live per-parameter dict: never change it
+        if "nonfinite_count" in saved:
+            saved["nonfinite_count"] = torch.tensor(totals[p], dtype=torch.int64)
+        shard = opt.row_shards.get(p)
+        if shard is not None:
+            saved = {k: _gather_rows(v, shard) if _is_row_tensor(k, v) else v for k, v in saved.items()}
+        state[index] = saved
+    groups = [{**g, FAMILY_KEY: opt.family} for g in state_dict["param_groups"]]
+    return {**state_dict, "state": state, "param_groups": groups}
+
+
+def _is_row_tensor(key: str, value: Any) -> bool:
+    """Whether a state value is laid out by the parameter's dim-0 rows."""
+    return (
+        torch.is_tensor(value)
+        and key not in (*_SCALARS, "gnorm_history")
+        and value.dim() >= 1
+        and not (key.endswith("_absmax") and value.dim() == 1)
+    )
+
+
+def _gather_rows(local: torch.Tensor, shard: RowShard) -> torch.Tensor:
+    """The whole tensor from each rank's rows of it (a declared row shard)."""
+    group = shard.group
+    world = dist.get_world_size(group)
+    mine = torch.tensor([shard.row_offset, local.shape[0]], dtype=torch.int64)
+    spans = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(spans, mine, group=group)
+    most = max(int(s[1]) for s in spans)
+    padded = local.new_zeros((most, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    whole = local.new_empty((shard.global_rows, *local.shape[1:]))
+    for (offset, rows), part in zip((s.tolist() for s in spans), parts):
+        whole[offset : offset + rows] = part[:rows]
+    return whole
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def load_pre_hook(opt: QuantizedOptimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Check everything and prepare the new state; torch then sees no state tensors at all."""
+    from .. import bnb_import
+
+    if bnb_import.is_bitsandbytes_state_dict(state_dict):
+        state_dict = bnb_import.from_bitsandbytes(opt, state_dict)
+    for key in ("state", "param_groups"):
+        if key not in state_dict:
+            raise ValueError(f"state dict: no {key!r} entry (is this an optimizer state dict?)")
+    groups = _checked_groups(opt, state_dict["param_groups"])
+    params, names = _params(opt), _names(opt)
+    ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    saved = state_dict["state"]
+    unknown = set(saved) - set(ids)
+    if unknown:
+        raise ValueError(f"state dict: state for parameter ids {sorted(unknown, key=str)} that no param group lists")
+    owner = [gi for gi, g in enumerate(groups) for _ in g["params"]]
+    new_state = {}
+    for i, p, name, gi in zip(ids, params, names, owner):
+        if saved.get(i):
+            new_state[p] = _load_param_state(opt, p, name, groups[gi], saved[i])
+    opt._loading = new_state
+    return {**state_dict, "state": {}, "param_groups": [_untagged(g) for g in groups]}
+
+
+def load_post_hook(opt: QuantizedOptimizer) -> None:
+    """Install the state prepared by :func:`load_pre_hook`; fill distopt's group keys."""
+    from ..optim.base import GROUP_OVERRIDES
+
+    for p, state in opt.__dict__.pop("_loading", {}).items():
+        opt.state[p] = state
+    for group in opt.param_groups:  # e.g. a torch.optim state dict: fill distopt's own keys
+        for key in GROUP_OVERRIDES:
+            group.setdefault(key, opt.defaults[key])
+
+
+def _untagged(group: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in group.items() if k != FAMILY_KEY}
+
+
+def _checked_groups(opt: QuantizedOptimizer, saved_groups: list) -> list[dict[str, Any]]:
+    """The saved groups merged with this optimizer's defaults, each one validated."""
+    from ..optim.base import check_quantization_args
+
+    if len(saved_groups) != len(opt.param_groups):
+        raise ValueError(f"state dict has {len(saved_groups)} param groups, the optimizer {len(opt.param_groups)}")
+    merged = []
+    for gi, (saved, live) in enumerate(zip(saved_groups, opt.param_groups)):
+        family = saved.get(FAMILY_KEY, opt.family)
+        if family != opt.family:
+            raise ValueError(
+                f"state dict: param_groups[{gi}] is from a distopt {family} optimizer; this is {type(opt).__name__}"
+            )
+        if len(saved["params"]) != len(live["params"]):
+            raise ValueError(
+                f"state dict: param_groups[{gi}] has {len(saved['params'])} parameters, the optimizer's "
+                f"{len(live['params'])}"
+            )
+        group = {**opt.defaults, **saved}
+        try:
+            opt.check_hyperparameters(group)
+            check_quantization_args(group)
+        except ValueError as err:
+            raise ValueError(f"state dict: param_groups[{gi}]: {err}") from None
+        merged.append(group)
+    return merged
+
+
+def _load_param_state(opt, p: torch.Tensor, name: str, group: dict, saved: Mapping[str, Any]) -> dict:
+    """This rank's state of ``p`` from its saved state, or an error naming ``p``."""
+    shard = row_shard(p, opt.row_shards, name)
+    slots = set(opt.all_slots)
+    known = {*_SCALARS, "gnorm_history", *slots, *(f"{s}_absmax" for s in slots)}
+    extra = sorted(set(saved) - known)
+    if extra:
+        raise ValueError(f"state dict: {name} has unknown state {extra} for {type(opt).__name__}")
+    missing = [k for k in ("step", *opt.required_slots) if k not in saved]
+    if missing:
+        raise ValueError(f"state dict: {name} has no {missing} in its state")
+    state = {"step": _scalar(saved["step"], torch.float32, name, "step")}
+    if "nonfinite_count" in saved:
+        total = _scalar(saved["nonfinite_count"], torch.int64, name, "nonfinite_count")
+        state["nonfinite_count"] = total if _first_of_group(shard) else torch.zeros_like(total)
+        state["nonfinite_count"] = state["nonfinite_count"].to(_local_device(p))
+    for slot in opt.all_slots:  # a fixed key order: ranks walk the state in step (collectives)
+        if slot in saved:
+            state.update(_load_slot(p, name, shard, group, slot, saved))
+    if "gnorm_history" in saved:
+        history = _tensor(saved["gnorm_history"], name, "gnorm_history", (torch.float64,), (100,))
+        state["gnorm_history"] = history.to(device=_local_device(p), copy=True)
+    absmax_alone = [k for k in saved if k.endswith("_absmax") and k.removesuffix("_absmax") not in saved]
+    if absmax_alone:
+        raise ValueError(f"state dict: {name} has {absmax_alone} without the codes they scale")
+    return state
+
+
+def _load_slot(p, name, shard: RowShard, group, slot: str, saved: Mapping[str, Any]) -> dict:
+    shape = shard.global_shape
+    eight = uses_8bit_state(shape, group["optim_bits"], group["min_8bit_size"])
+    dtype = torch.uint8 if eight else torch.float32
+    value = _tensor(saved[slot], name, slot, (dtype,), shape, hint=_width_hint(eight, group))
+    out = {slot: _localize(value, p, shard, shape)}
+    if eight:
+        key = f"{slot}_absmax"
+        if key not in saved:
+            raise ValueError(f"state dict: {name}'s 8-bit {slot!r} has no {key!r}")
+        ashape = absmax_shape(shape, group["block_wise"])
+        absmax = _tensor(saved[key], name, key, (torch.float32,), ashape, hint="(block_wise as saved)")
+        out[key] = _localize(absmax, p, shard, ashape) if group["block_wise"] else _replicated(absmax, p, shard)
+    elif f"{slot}_absmax" in saved:
+        raise ValueError(f"state dict: {name}'s {slot!r} is 32-bit but the state dict has {slot}_absmax")
+    return out
+
+
+def _width_hint(eight: bool, group) -> str:
+    rule = f"optim_bits={group['optim_bits']}, min_8bit_size={group['min_8bit_size']}"
+    return f"({'8-bit' if eight else '32-bit'} state for this parameter under {rule})"
+
+
+def _tensor(value: Any, name: str, key: str, dtypes: tuple, shape: tuple, hint: str = "") -> torch.Tensor:
+    if not torch.is_tensor(value):
+        raise ValueError(f"state dict: {name}'s {key!r} is {type(value).__name__}, not a tensor")
+    if value.dtype not in dtypes:
+        want = " or ".join(str(d) for d in dtypes)
+        raise ValueError(f"state dict: {name}'s {key!r} is {value.dtype}, expected {want} {hint}".rstrip())
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"state dict: {name}'s {key!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")
+    return value
+
+
+def _scalar(value: Any, dtype: torch.dtype, name: str, key: str) -> torch.Tensor:
+    if torch.is_tensor(value):
+        if value.numel() != 1 or value.is_complex():
+            raise ValueError(f"state dict: {name}'s {key!r} must be one number, not shape {tuple(value.shape)}")
+        value = value.full_tensor() if isinstance(value, DTensor) else value
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"state dict: {name}'s {key!r} is {value!r}, expected a finite number >= 0")
+    return torch.tensor(value, dtype=dtype)
+
+
+def _local_device(p: torch.Tensor) -> torch.device:
+    return p.to_local().device if isinstance(p, DTensor) else p.device
+
+
+def _first_of_group(shard: RowShard) -> bool:
+    return shard.group is None or dist.get_rank(shard.group) == 0
+
+
+def _local_rows(value: torch.Tensor, p: torch.Tensor, shard: RowShard) -> torch.Tensor:
+    """This rank's rows of a saved tensor laid out like the parameter (global shape)."""
+    if isinstance(value, DTensor):
+        if isinstance(p, DTensor) and value.device_mesh == p.device_mesh and value.placements == p.placements:
+            return value.to_local()
+        value = value.full_tensor()
+    if shard.group is None and shard.mesh is None:
+        return value
+    rows = (p.to_local() if isinstance(p, DTensor) else p).shape[0]
+    return value.narrow(0, shard.row_offset, rows)
+
+
+def _localize(value: torch.Tensor, p: torch.Tensor, shard: RowShard, shape: tuple) -> torch.Tensor:
+    local = _local_rows(value, p, shard).to(device=_local_device(p), copy=True).contiguous()
+    return wrap_like_param(local, shard, shape)
+
+
+def _replicated(value: torch.Tensor, p: torch.Tensor, shard: RowShard) -> torch.Tensor:
+    whole = value.full_tensor() if isinstance(value, DTensor) else value
+    return wrap_replicated(whole.to(device=_local_device(p), copy=True), shard)
