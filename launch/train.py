@@ -3,6 +3,7 @@
     python launch/train.py                                       # one process, AdamW8bit
     python launch/train.py --optimizer adamw32bit                # or torch-adamw, sgd8bit, sgd32bit
     torchrun --standalone --nproc-per-node 2 launch/train.py     # FSDP2 on 2 ranks
+    torchrun ... launch/train.py --save-every 50 --resume        # checkpoint; continue after a crash
 
 The text is the Python standard library's own top-level modules (read from the local
 installation, so nothing is downloaded), byte by byte: sorted by name, every 10th file
@@ -12,6 +13,18 @@ blocks. Under torchrun every block and the model are wrapped with FSDP2's
 share of every global batch, so the batches of a step do not depend on the world size.
 A run is deterministic given ``--seed`` (on CPU). Multi-node: see docs/distributed.md.
 
+With ``--save-every N`` the job writes a checkpoint every N steps and after the last
+one (``distopt.checkpoint``: DCP, sharded, no full gather; a directory appears under
+its final name only once every rank has written). A checkpoint holds the model, the
+optimizer, the next step, the last reported loss and, per rank, the RNG state and the
+current window of the loss average. ``--resume`` continues from the newest complete
+checkpoint exactly as an uninterrupted run would (the same losses, the same final
+parameters: compare ``--checksum``). It refuses other settings (all but those in
+``RESUMABLE_CHANGES``; the global batch, ``--batch-size`` times the ranks, must stay).
+On another number of ranks the state is resharded and the losses agree closely, not
+bitwise (FSDP2 sums gradients in another order), and a fresh run refuses a directory
+that holds another run's checkpoints.
+
 The job reports the optimizer state (bytes of every state tensor) and the fraction of
 parameter elements whose state is 8-bit: parameters with at least ``--min-8bit-size``
 elements and rows of at least 16 elements; biases and LayerNorm weights stay 32-bit.
@@ -20,25 +33,32 @@ elements and rows of at least 16 elements; biases and LayerNorm weights stay 32-
 import argparse
 import ast
 import dataclasses
+import hashlib
 import inspect
+import json
 import math
 import os
 import sys
 import sysconfig
 import time
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 import distopt  # noqa: E402
+from distopt import checkpoint  # noqa: E402
 
 OPTIMIZERS = ("adamw8bit", "adamw32bit", "torch-adamw", "sgd8bit", "sgd32bit")
 DEVICES = ("cpu", "cuda", "auto")
+RESUMABLE_CHANGES = "resume save_every checkpoint_dir keep_checkpoints checksum log_every eval_batches".split()
+"""Options a resumed run may set differently from the run that wrote the checkpoint."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,6 +95,16 @@ class Config:
     """seed of the model's initialization and of the batches"""
     device: str = "cpu"
     """cpu | cuda | auto (cuda if available)"""
+    save_every: int = 0
+    """steps between checkpoints, also written after the last step (0: none)"""
+    checkpoint_dir: str = "checkpoints"
+    """where checkpoints go: one step_<8 digits>/ directory each (.partial while being written)"""
+    keep_checkpoints: int = 3
+    """how many of the newest checkpoints to keep (0: all)"""
+    resume: bool = False
+    """continue from the newest complete checkpoint in --checkpoint-dir (start fresh, saying so, if none)"""
+    checksum: bool = False
+    """print a SHA-256 of the final parameters (gathers one parameter at a time)"""
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -83,6 +113,8 @@ class Config:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {self.device!r}")
         if self.steps < 1 or self.log_every < 1:
             raise ValueError("steps and log_every must be positive")
+        if self.save_every < 0 or self.keep_checkpoints < 0:
+            raise ValueError("save_every and keep_checkpoints must be >= 0")
         if self.width % self.heads:
             raise ValueError(f"heads ({self.heads}) must divide width ({self.width})")
 
@@ -111,7 +143,11 @@ def parse_config(argv: list[str] | None = None) -> Config:
     for f in dataclasses.fields(Config):
         arg_type = next((t for t in typing.get_args(f.type) if t is not type(None)), f.type)  # X | None -> X
         text = docs[f.name].replace("%", "%%") + ("" if f.default is None else " (default: %(default)s)")
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=arg_type, default=f.default, help=text)
+        flag = f"--{f.name.replace('_', '-')}"
+        if arg_type is bool:  # --resume / --no-resume
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
+        else:
+            parser.add_argument(flag, type=arg_type, default=f.default, help=text)
     try:
         return Config(**vars(parser.parse_args(argv)))
     except ValueError as e:
@@ -248,6 +284,105 @@ def state_report(opt: torch.optim.Optimizer) -> tuple[float, float]:
     return nbytes / 2**20, eight / max(total, 1)
 
 
+# --- checkpoints ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """Where the loop stands: what a checkpoint holds besides the model and the optimizer."""
+
+    step: int = 0
+    """the next step to run (the data position: a step's batches depend only on its number)"""
+    train_loss: float = math.nan
+    """the last progress line's loss (the mean over ranks)"""
+    window_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    """this rank's sum of losses since the last progress line"""
+    window_steps: int = 0
+
+
+def checkpoint_state(cfg: Config, model, opt, progress: Progress) -> dict:
+    """What DCP saves and loads: the model and optimizer (sharded under FSDP2) and the loop's global position."""
+    model_state, optim_state = get_state_dict(model, opt)
+    loop = {"next_step": progress.step, "train_loss": progress.train_loss, "settings": json.dumps(run_settings(cfg))}
+    return {"model": model_state, "optimizer": optim_state, "loop": loop}
+
+
+def rank_state(progress: Progress, device: torch.device) -> dict:
+    """This rank's own part of a checkpoint: its random number generators and its share of the loss window."""
+    state = {"cpu_rng": torch.get_rng_state(), "loss_sum": progress.window_loss.cpu(), "steps": progress.window_steps}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def save_checkpoint(cfg: Config, model, opt, progress: Progress, device: torch.device) -> None:
+    state = checkpoint_state(cfg, model, opt, progress)
+    mine, keep = rank_state(progress, device), cfg.keep_checkpoints or None
+    path = checkpoint.save(cfg.checkpoint_dir, progress.step, state, rank_state=mine, keep_last=keep)
+    say(f"checkpoint {path}")
+
+
+def resume(cfg: Config, model, opt, device: torch.device) -> Progress:
+    """Load the newest complete checkpoint into ``model`` and ``opt``; the loop's progress (fresh if none)."""
+    path = checkpoint.latest(cfg.checkpoint_dir)
+    if path is None:
+        say(f"--resume: no complete checkpoint in {cfg.checkpoint_dir}/, starting fresh")
+        return Progress(window_loss=torch.zeros((), device=device))
+    state = checkpoint_state(cfg, model, opt, Progress())
+    mine = checkpoint.load(path, state)  # verified first: a bad checkpoint is refused before anything changes
+    check_same_run(cfg, json.loads(state["loop"]["settings"]), path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    progress = Progress(step=state["loop"]["next_step"], train_loss=state["loop"]["train_loss"])
+    progress.window_loss = torch.zeros((), device=device)
+    if mine is None:
+        say(f"{path} was written by another number of ranks: the RNG state and the loss window start afresh")
+    else:
+        torch.set_rng_state(mine["cpu_rng"])
+        if device.type == "cuda" and "cuda_rng" in mine:
+            torch.cuda.set_rng_state(mine["cuda_rng"], device)
+        progress.window_loss, progress.window_steps = mine["loss_sum"].to(device), mine["steps"]
+    say(f"resumed from {path}: next step {progress.step}")
+    return progress
+
+
+def run_settings(cfg: Config) -> dict:
+    """The settings that define a run: all but ``RESUMABLE_CHANGES``, with the global batch size."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES and k != "batch_size"}
+    settings["global_batch_size"] = cfg.batch_size * (dist.get_world_size() if dist.is_initialized() else 1)
+    return settings
+
+
+def check_same_run(cfg: Config, saved: dict, path: Path) -> None:
+    """Refuse to resume with settings that change the run."""
+    now = run_settings(cfg)
+    changed = [f"{k} {saved.get(k)} (now {v})" for k, v in now.items() if saved.get(k) != v]
+    if changed:
+        leave_process_group()
+        raise SystemExit(f"--resume: {path} was written with other settings: {', '.join(changed)}")
+
+
+def start(cfg: Config, model, opt, device: torch.device) -> Progress:
+    """Resume (``--resume``), or start fresh where no checkpoint of another run would be mixed with this one's."""
+    if cfg.resume:
+        return resume(cfg, model, opt, device)
+    if cfg.save_every and (found := checkpoint.latest(cfg.checkpoint_dir)) is not None:
+        leave_process_group()
+        raise SystemExit(
+            f"{cfg.checkpoint_dir}/ already holds checkpoints (newest: {found.name}): "
+            "pass --resume to continue that run, or choose another --checkpoint-dir"
+        )
+    return Progress(window_loss=torch.zeros((), device=device))
+
+
+def parameter_checksum(model: torch.nn.Module) -> str:
+    """SHA-256 of every parameter's full value, in order (under FSDP2 each is gathered in turn: call on every rank)."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        full = p.detach().full_tensor() if isinstance(p, DTensor) else p.detach()
+        digest.update(name.encode() + full.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 # --- the loop --------------------------------------------------------------------------------------------------
 
 
@@ -293,11 +428,10 @@ def mean_over_ranks(value: torch.Tensor, world: int) -> torch.Tensor:
     return value
 
 
-def train_loop(cfg, model, opt, data, device, rank, world) -> tuple[float, float]:
-    """Run ``cfg.steps`` steps; returns (mean train loss over the last logging window, tokens per second)."""
+def train_loop(cfg, model, opt, data, device, rank, world, progress: Progress) -> float:
+    """Run the steps from ``progress.step`` on, checkpointing every ``save_every``; returns tokens per second."""
     start, tokens = time.perf_counter(), 0
-    window_loss, window_steps = torch.zeros((), device=device), 0
-    for step in range(cfg.steps):
+    for step in range(progress.step, cfg.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
         x, y = (t.to(device) for t in get_batch(data, cfg, step, rank, world))
@@ -306,15 +440,18 @@ def train_loop(cfg, model, opt, data, device, rank, world) -> tuple[float, float
         loss.backward()
         opt.step()
         tokens += x.numel() * world
-        window_loss, window_steps = window_loss + loss.detach(), window_steps + 1
+        progress.step, progress.window_steps = step + 1, progress.window_steps + 1
+        progress.window_loss = progress.window_loss + loss.detach()
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            train_loss = mean_over_ranks(window_loss / window_steps, world).item()
-            window_loss, window_steps = torch.zeros((), device=device), 0
+            progress.train_loss = mean_over_ranks(progress.window_loss / progress.window_steps, world).item()
+            progress.window_loss, progress.window_steps = torch.zeros((), device=device), 0
             rate = tokens / (time.perf_counter() - start)
             mb, _ = state_report(opt)
-            say(f"{progress_bar(step + 1, cfg.steps)}  loss {train_loss:.4f}  {rate / 1e3:6.1f}k tok/s  "
+            say(f"{progress_bar(step + 1, cfg.steps)}  loss {progress.train_loss:.4f}  {rate / 1e3:6.1f}k tok/s  "
                 f"state {mb:.2f} MB/rank")  # fmt: skip
-    return train_loss, tokens / (time.perf_counter() - start)
+        if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+            save_checkpoint(cfg, model, opt, progress, device)
+    return tokens / (time.perf_counter() - start)
 
 
 @torch.no_grad()
@@ -338,13 +475,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"{len(train_data) / 2**20:.1f} + {len(eval_data) / 2**20:.1f} MB of text (train + held out), "
         f"{world} rank(s) on {device.type} with {torch.get_num_threads()} thread(s)")  # fmt: skip
 
-    train_loss, rate = train_loop(cfg, model, opt, train_data, device, rank, world)
+    progress = start(cfg, model, opt, device)
+    rate = train_loop(cfg, model, opt, train_data, device, rank, world, progress)
+    train_loss = progress.train_loss
     mb, eight = state_report(opt)
     eval_loss = evaluate(cfg, model, eval_data, device, rank, world)
     seconds = time.perf_counter() - wall
     say(f"done: {cfg.optimizer}, {cfg.steps} steps, {world} rank(s), train loss {train_loss:.4f}, "
         f"eval loss {eval_loss:.4f}, {rate / 1e3:.1f}k tok/s, state {mb:.2f} MB/rank "
         f"({eight:.0%} of parameters 8-bit), {seconds:.0f} s")  # fmt: skip
+    if cfg.checksum:
+        checksum = parameter_checksum(model)  # on every rank: it gathers the parameters
+        say(f"parameters sha256 {checksum}")
     leave_process_group()
     return dict(train_loss=train_loss, eval_loss=eval_loss, tokens_per_s=rate, state_mb=mb, eight_bit=eight)
 
