@@ -211,7 +211,7 @@ def test_a_torch_adamw_state_dict_loads_and_training_continues():
     run_steps(opt, opt.param_groups[0]["params"], 1)
 
 
-def test_a_dcp_checkpoint_loads_twice_into_the_same_optimizer(kernels_built, tmp_path):
+def test_a_dcp_checkpoint_loads_twice_into_the_same_optimizer_without_copying_its_state(kernels_built, tmp_path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
@@ -225,6 +225,8 @@ def test_a_dcp_checkpoint_loads_twice_into_the_same_optimizer(kernels_built, tmp
         opt.step()
         state = {"optim": get_optimizer_state_dict(model, opt)}
         dcp.load(state, checkpoint_id=str(tmp_path), no_dist=True)
+        live = opt.state[model.weight]["exp_avg"]
         set_optimizer_state_dict(model, opt, state["optim"])
+        assert opt.state[model.weight]["exp_avg"] is live  # dcp.load filled the live tensor: no second copy
         for k, v in saved.items():
             assert_bitwise_equal(opt.state[model.weight][k], v)

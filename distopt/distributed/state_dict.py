@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from ..quant import absmax_shape, uses_8bit_state
-from .sharding import RowShard, row_shard, wrap_like_param, wrap_replicated
+from .sharding import RowShard, local, row_shard, wrap_like_param, wrap_replicated
 
 if TYPE_CHECKING:
     from ..optim.base import QuantizedOptimizer
@@ -195,7 +195,7 @@ def _load_param_state(opt, p: torch.Tensor, name: str, group: dict, saved: Mappi
         state["nonfinite_count"] = state["nonfinite_count"].to(_local_device(p))
     for slot in opt.all_slots:  # a fixed key order: ranks walk the state in step (collectives)
         if slot in saved:
-            state.update(_load_slot(p, name, shard, group, slot, saved))
+            state.update(_load_slot(p, name, shard, group, slot, saved, opt.state.get(p, {})))
     if "gnorm_history" in saved:
         history = _tensor(saved["gnorm_history"], name, "gnorm_history", (torch.float64,), (100,))
         state["gnorm_history"] = history.to(device=_local_device(p), copy=True)
@@ -205,19 +205,22 @@ def _load_param_state(opt, p: torch.Tensor, name: str, group: dict, saved: Mappi
     return state
 
 
-def _load_slot(p, name, shard: RowShard, group, slot: str, saved: Mapping[str, Any]) -> dict:
+def _load_slot(p, name, shard: RowShard, group, slot: str, saved: Mapping[str, Any], live: Mapping) -> dict:
     shape = shard.global_shape
     eight = uses_8bit_state(shape, group["optim_bits"], group["min_8bit_size"])
     dtype = torch.uint8 if eight else torch.float32
     value = _tensor(saved[slot], name, slot, (dtype,), shape, hint=_width_hint(eight, group))
-    out = {slot: _localize(value, p, shard, shape)}
+    out = {slot: _localize(value, p, shard, shape, live.get(slot))}
     if eight:
         key = f"{slot}_absmax"
         if key not in saved:
             raise ValueError(f"state dict: {name}'s 8-bit {slot!r} has no {key!r}")
         ashape = absmax_shape(shape, group["block_wise"])
         absmax = _tensor(saved[key], name, key, (torch.float32,), ashape, hint="(block_wise as saved)")
-        out[key] = _localize(absmax, p, shard, ashape) if group["block_wise"] else _replicated(absmax, p, shard)
+        if group["block_wise"]:
+            out[key] = _localize(absmax, p, shard, ashape, live.get(key))
+        else:
+            out[key] = _replicated(absmax, p, shard)
     elif f"{slot}_absmax" in saved:
         raise ValueError(f"state dict: {name}'s {slot!r} is 32-bit but the state dict has {slot}_absmax")
     return out
@@ -270,9 +273,18 @@ def _local_rows(value: torch.Tensor, p: torch.Tensor, shard: RowShard) -> torch.
     return value.narrow(0, shard.row_offset, rows)
 
 
-def _localize(value: torch.Tensor, p: torch.Tensor, shard: RowShard, shape: tuple) -> torch.Tensor:
-    local = _local_rows(value, p, shard).to(device=_local_device(p), copy=True).contiguous()
-    return wrap_like_param(local, shard, shape)
+def _localize(value: torch.Tensor, p: torch.Tensor, shard: RowShard, shape: tuple, live) -> torch.Tensor:
+    """``value`` laid out like ``p``'s state: a copy, unless it is the live state tensor
+    itself (``dcp.load`` into the optimizer's own state dict), which is kept as it is."""
+    rows = _local_rows(value, p, shard)
+    if live is not None and _same_tensor(rows, local(live)):
+        return live
+    return wrap_like_param(rows.to(device=_local_device(p), copy=True).contiguous(), shard, shape)
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    same_layout = a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+    return same_layout and a.device == b.device and a.data_ptr() == b.data_ptr()
 
 
 def _replicated(value: torch.Tensor, p: torch.Tensor, shard: RowShard) -> torch.Tensor:
