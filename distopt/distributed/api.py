@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 from .sharding import RowShard
 
@@ -29,11 +30,12 @@ def shard_rows(
     *,
     global_shape: tuple[int, ...],
     row_offset: int,
-    group: dist.ProcessGroup | None = None,
+    group: dist.ProcessGroup | DeviceMesh | None = None,
 ) -> None:
     """Declare ``param`` as rows ``[row_offset, row_offset + param.shape[0])`` of a parameter
-    of ``global_shape`` whose other rows are held, each by exactly one rank, by ``group``
-    (default: the world).
+    of ``global_shape`` whose other rows are held, each by exactly one rank, by ``group``:
+    a process group, a 1-D device mesh (for a dimension of a larger mesh, ``mesh["name"]``),
+    or ``None`` for the world.
 
     Guarantees: given the same gradients, the declared shards evolve bitwise as the same
     rows of one process holding the whole parameter would; 8-bit vs 32-bit state is
@@ -57,15 +59,17 @@ def shard_rows(
     rows = param.shape[0] if param.dim() else 1
     if not 0 <= row_offset <= global_shape[0] - rows:
         raise ValueError(f"shard_rows: row_offset {row_offset} puts {rows} rows outside {global_shape[0]}")
-    group = group if group is not None else dist.group.WORLD
+    group = process_group(group, "shard_rows")
     optimizer.row_shards[param] = RowShard(global_shape, row_offset, group)
 
 
-def check_replicated(optimizer: QuantizedOptimizer, group: dist.ProcessGroup | None = None) -> None:
-    """Raise if any plain-tensor parameter or state differs across the ranks of ``group``.
+def check_replicated(optimizer: QuantizedOptimizer, group: dist.ProcessGroup | DeviceMesh | None = None) -> None:
+    """Raise if any plain-tensor parameter or state differs across the ranks of ``group``
+    (a process group, a 1-D device mesh, or ``None`` for the world).
 
     For replicated training (DDP): one all-gather of a checksum per tensor, bitwise.
     """
+    group = process_group(group, "check_replicated")
     sums = []
     for g in optimizer.param_groups:
         for p in g["params"]:
@@ -80,6 +84,18 @@ def check_replicated(optimizer: QuantizedOptimizer, group: dist.ProcessGroup | N
     for rank, theirs in enumerate(gathered):
         if not torch.equal(theirs, mine):
             raise RuntimeError(f"check_replicated: parameters or optimizer state differ from rank {rank}'s")
+
+
+def process_group(group: dist.ProcessGroup | DeviceMesh | None, caller: str) -> dist.ProcessGroup:
+    """The process group that ``group`` names: itself, a 1-D mesh's, or the world's."""
+    if isinstance(group, DeviceMesh):
+        if group.ndim != 1:
+            raise ValueError(
+                f"{caller}: a {group.ndim}-D device mesh holds several process groups; pass one dimension, "
+                f"e.g. mesh[{group.mesh_dim_names[-1] if group.mesh_dim_names else 'name'!r}]"
+            )
+        return group.get_group()
+    return group if group is not None else dist.group.WORLD
 
 
 def _checksum(t: torch.Tensor) -> int:

@@ -121,6 +121,7 @@ def ddp_training(rank, world_size):
         finally:
             dist.all_reduce = original
     check_replicated(opt)
+    check_replicated(opt, init_device_mesh("cpu", (world_size,)))
     eight_bit = opt.state[model[0].weight]["exp_avg"].dtype == torch.uint8
     return len(own_calls), eight_bit, [p.detach().clone() for p in model.parameters()]
 
@@ -139,8 +140,9 @@ def declared_row_shards(rank, world_size):
         offsets.append(start)
         locals_.append(torch.nn.Parameter(p.detach()[start : start + len(rows)].clone()))
     opt = case("AdamW8bit").make(locals_, percentile_clipping=5)
-    for p, full, start in zip(locals_, full_params, offsets):
-        shard_rows(opt, p, global_shape=tuple(full.shape), row_offset=start)
+    mesh = init_device_mesh("cpu", (world_size,))
+    for p, full, start, group in zip(locals_, full_params, offsets, [mesh, None]):  # a device mesh; the world
+        shard_rows(opt, p, global_shape=tuple(full.shape), row_offset=start, group=group)
     for k in range(10):
         for p, g, start in zip(locals_, full_grads(shapes, k), offsets):
             p.grad = g[start : start + p.shape[0]].clone()
