@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from tests.distributed.workloads import Params, case, snapshot, train
+from tests.distributed.workloads import Params, case, rows_of_rank, snapshot, train
 
 
 def model_and_optimizer(name: str, clip: int, fsdp: bool = True):
@@ -117,12 +117,7 @@ def declared_shards_round_trip(rank, world_size, steps, more):
     whole = list(Params(shapes).parameters())
 
     def declared():
-        params, offsets = [], []
-        for p in whole:
-            rows = torch.tensor_split(torch.arange(p.shape[0]), world_size)[rank]
-            start = int(rows[0]) if len(rows) else p.shape[0]
-            offsets.append(start)
-            params.append(torch.nn.Parameter(p.detach()[start : start + len(rows)].clone()))
+        params, offsets = rows_of_rank(whole, rank, world_size)
         opt = case("AdamW8bit").make(params, percentile_clipping=5)
         for p, w, start in zip(params, whole, offsets):
             shard_rows(opt, p, global_shape=tuple(w.shape), row_offset=start)

@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from tests.distributed.workloads import Params, case, snapshot, train
+from tests.distributed.workloads import Params, case, rows_of_rank, snapshot, train
 
 
 def fsdp_runs(rank, world_size, names, clips, thread_counts, steps, mesh_shape=None):
@@ -133,12 +133,7 @@ def declared_row_shards(rank, world_size):
 
     shapes = [(33, 300), (6, 280)]
     full_params = list(Params(shapes).parameters())
-    locals_, offsets = [], []
-    for p in full_params:
-        rows = torch.tensor_split(torch.arange(p.shape[0]), world_size)[rank]
-        start = int(rows[0]) if len(rows) else p.shape[0]
-        offsets.append(start)
-        locals_.append(torch.nn.Parameter(p.detach()[start : start + len(rows)].clone()))
+    locals_, offsets = rows_of_rank(full_params, rank, world_size)
     opt = case("AdamW8bit").make(locals_, percentile_clipping=5)
     mesh = init_device_mesh("cpu", (world_size,))
     for p, full, start, group in zip(locals_, full_params, offsets, [mesh, None]):  # a device mesh; the world

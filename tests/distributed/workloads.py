@@ -54,6 +54,17 @@ def shard_like(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     return DTensor.from_local(local.contiguous(), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
 
 
+def rows_of_rank(whole, rank: int, world_size: int) -> tuple[list[torch.nn.Parameter], list[int]]:
+    """This rank's rows of each whole parameter (``torch.tensor_split`` on dim 0), and their offsets."""
+    params, offsets = [], []
+    for p in whole:
+        rows = torch.tensor_split(torch.arange(p.shape[0]), world_size)[rank]
+        start = int(rows[0]) if len(rows) else p.shape[0]
+        offsets.append(start)
+        params.append(torch.nn.Parameter(p.detach()[start : start + len(rows)].clone()))
+    return params, offsets
+
+
 def train(opt, params, steps: int, first: int = 0) -> None:
     """Steps ``first .. first + steps - 1`` of the seeded gradient sequence."""
     shapes = [tuple(p.shape) for p in params]
