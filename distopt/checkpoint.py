@@ -36,10 +36,12 @@ at a time may write to a ``root``.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
 import shutil
+import time
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
@@ -139,12 +141,18 @@ def _write_rank_state(directory: Path, rank: int, rank_state: dict[str, Any] | N
     """Write this rank's file, durably; return its manifest entry."""
     if rank_state is None:
         return None
+    buffer = io.BytesIO()
+    torch.save(rank_state, buffer)
+    data = buffer.getvalue()
+    try:  # load() reads it with weights_only=True: refuse now what it could never read back
+        torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as e:
+        raise ValueError(f"rank_state must hold only tensors, numbers, strings, lists and dicts ({e})") from None
     path = directory / f"rank_{rank:05d}.pt"
     with open(path, "wb") as f:
-        torch.save(rank_state, f)
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    data = path.read_bytes()
     return {"file": path.name, "rank": rank, "bytes": len(data), "crc32": zlib.crc32(data)}
 
 
@@ -159,14 +167,20 @@ def _commit(
         os.fsync(f.fileno())
     _fsync_dir(partial)
     if final.exists():  # an older checkpoint of the same step: out of the way, deleted once the new one is in
-        os.rename(final, final.with_name(final.name + _TRASH))
+        _to_trash(final)
     os.rename(partial, final)
     _fsync_dir(final.parent)
-    if keep_last is not None:
-        for old, _ in _complete_checkpoints(final.parent)[keep_last:]:
-            os.rename(old, old.with_name(old.name + _TRASH))  # atomically out of sight, then deleted
+    if keep_last is not None:  # the new one, and the newest keep_last - 1 good older ones, stay
+        older = [p for p, s in _complete_checkpoints(final.parent) if s < step and _problem(p) is None]
+        for old in older[keep_last - 1 :]:
+            _to_trash(old)
     for garbage in [*final.parent.glob(f"step_*{PARTIAL}"), *final.parent.glob(f"step_*{_TRASH}")]:
         shutil.rmtree(garbage, ignore_errors=True)  # crashed saves (never loadable), replaced and pruned ones
+
+
+def _to_trash(path: Path) -> None:
+    """Rename ``path`` atomically out of sight (a name no later save reuses); it is deleted after."""
+    os.rename(path, path.with_name(f"{path.name}.{os.getpid()}-{time.monotonic_ns()}{_TRASH}"))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -312,6 +326,14 @@ def load(
     """
     path = Path(path)
     _on_coordinator(lambda: verify(path), process_group)
+    found = _gather(_mismatch(path, state), process_group)  # each rank checks its own state dict
+    problem = next((m for m in found if m), None)
+    if problem is not None:
+        raise CheckpointError(
+            f"distopt.checkpoint: {path} does not fit the state it would be loaded into: {problem}; nothing "
+            "was loaded (build the model and optimizer with the settings the checkpoint was saved with)",
+            path=path,
+        )
     try:
         with _single_process_quiet(process_group) as no_dist:
             dcp.load(state, checkpoint_id=path, process_group=process_group, no_dist=no_dist)
@@ -324,6 +346,30 @@ def load(
             fallback=fallback,
         ) from e
     return _read_rank_state(path, _rank(process_group), _world(process_group))
+
+
+def _mismatch(path: Path, state: dict[str, Any]) -> str | None:
+    """The first tensor of ``state`` that the checkpoint lacks or holds with another global
+    shape or dtype (``dcp.load`` would fail on it, or cast it silently), or None."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    flat, _ = flatten_state_dict(state)
+    for key, value in flat.items():
+        item = saved.get(key)
+        if item is None:
+            return f"it has no {key!r}"
+        if not torch.is_tensor(value):
+            continue
+        if not isinstance(item, TensorStorageMetadata):
+            return f"its {key!r} is not a tensor"
+        if tuple(item.size) != tuple(value.shape) or item.properties.dtype != value.dtype:
+            return (
+                f"its {key!r} is {item.properties.dtype} {tuple(item.size)}, "
+                f"the live one {value.dtype} {tuple(value.shape)}"
+            )
+    return None
 
 
 def _read_rank_state(path: Path, rank: int, world: int) -> dict[str, Any] | None:

@@ -329,8 +329,10 @@ def resume(cfg: Config, model, opt, device: torch.device) -> Progress:
         say(f"--resume: no complete checkpoint in {cfg.checkpoint_dir}/, starting fresh")
         return Progress(window_loss=torch.zeros((), device=device))
     state = checkpoint_state(cfg, model, opt, Progress())
+    loop = {"loop": dict(state["loop"])}
+    checkpoint.load(path, loop)  # the settings alone first: refuse another run's checkpoint before loading it
+    check_same_run(cfg, json.loads(loop["loop"]["settings"]), path)
     mine = checkpoint.load(path, state)  # verified first: a bad checkpoint is refused before anything changes
-    check_same_run(cfg, json.loads(state["loop"]["settings"]), path)
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     progress = Progress(step=state["loop"]["next_step"], train_loss=state["loop"]["train_loss"])
     progress.window_loss = torch.zeros((), device=device)

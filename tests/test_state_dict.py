@@ -125,6 +125,32 @@ def _optim_bits(sd):
     sd["param_groups"][0]["optim_bits"] = 32  # the saved codes are 8-bit: they no longer fit
 
 
+def _absmax_nan(sd):
+    sd["state"][0]["exp_avg_absmax"][3, 0] = float("nan")
+
+
+def _absmax_negative(sd):
+    sd["state"][0]["exp_avg_sq_absmax"][0, 0] = -1.0
+
+
+def _history_nan(sd):
+    sd["param_groups"][0]["percentile_clipping"] = 5
+    sd["state"][0]["gnorm_history"] = torch.full((100,), float("nan"), dtype=torch.float64)
+
+
+def _step_fraction(sd):
+    sd["state"][0]["step"] = torch.tensor(2.5)
+
+
+def _amsgrad_slot_missing(sd):
+    sd["param_groups"][0]["amsgrad"] = True  # saved with amsgrad, but no max_exp_avg_sq
+
+
+def _maximize(sd):
+    del sd["param_groups"][0]["distopt"]  # as from torch.optim.AdamW(maximize=True)
+    sd["param_groups"][0]["maximize"] = True
+
+
 BAD = {
     "'exp_avg' has shape (32, 256), expected (64, 256)": _shape,
     "'exp_avg' is torch.float32, expected torch.uint8": _dtype,
@@ -134,7 +160,13 @@ BAD = {
     "'exp_avg_absmax' has shape (64, 0), expected (64, 1)": _absmax_shape,
     "'step' is nan": _history_dtype,
     "Invalid betas[1]": _hyperparameter,
-    "'exp_avg' is torch.uint8, expected torch.float32 (32-bit state": _optim_bits,
+    "saved with optim_bits=32 (here 8)": _optim_bits,
+    "'exp_avg_absmax' holds values that are negative or not finite": _absmax_nan,
+    "'exp_avg_sq_absmax' holds values that are negative or not finite": _absmax_negative,
+    "'gnorm_history' holds values that are negative or not finite": _history_nan,
+    "'step' is 2.5, expected a whole number": _step_fraction,
+    "has no ['max_exp_avg_sq'] in its state": _amsgrad_slot_missing,
+    "has maximize=True": _maximize,
 }
 
 
@@ -148,7 +180,7 @@ def test_a_bad_state_dict_is_refused_naming_the_parameter_and_nothing_changes(ke
     with pytest.raises(ValueError) as err:
         target.load_state_dict(sd)
     assert message in str(err.value)
-    if "Invalid" not in message:
+    if not any(group_level in message for group_level in ("Invalid", "saved with", "maximize")):
         assert "param_groups[0]['params'][0] (shape (64, 256), torch.float32)" in str(err.value)
     assert_unchanged(before, target)
     run_steps(target, target_params, 1)  # still usable
@@ -230,3 +262,35 @@ def test_a_dcp_checkpoint_loads_twice_into_the_same_optimizer_without_copying_it
         assert opt.state[model.weight]["exp_avg"] is live  # dcp.load filled the live tensor: no second copy
         for k, v in saved.items():
             assert_bitwise_equal(opt.state[model.weight][k], v)
+
+
+def test_a_torch_sgd_state_dict_loads_and_l2_adam_is_refused():
+    import distopt
+
+    params = make_params([(64, 256)])
+    ref = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    run_steps(ref, params, 2)
+    opt = distopt.SGD32bit(clone_params(params), lr=0.1, momentum=0.9)
+    opt.load_state_dict(ref.state_dict())  # torch's SGD keeps no step
+    assert torch.equal(
+        opt.state[opt.param_groups[0]["params"][0]]["momentum_buffer"], ref.state[params[0]]["momentum_buffer"]
+    )
+    adam = torch.optim.Adam(params, lr=1e-3, weight_decay=0.1)
+    run_steps(adam, params, 1)
+    with pytest.raises(ValueError, match="L2 weight decay"):
+        distopt.AdamW32bit(clone_params(params)).load_state_dict(adam.state_dict())
+
+
+def test_check_state_dict_refuses_what_loading_would_and_changes_nothing(kernels_built):
+    from distopt.distributed import check_state_dict
+
+    source, _ = trained()
+    sd = source.state_dict()
+    check_state_dict(source, sd)
+    _dtype(sd)
+    target, _ = trained(steps=1)
+    before = everything(target)
+    with pytest.raises(ValueError, match="expected torch.uint8"):
+        check_state_dict(target, sd)
+    assert_unchanged(before, target)
+    assert not hasattr(target, "_loading")

@@ -7,5 +7,6 @@ are row shards of a larger parameter are declared with :func:`shard_rows`. See
 
 from .api import check_replicated, shard_rows
 from .sharding import RowShard
+from .state_dict import check_state_dict
 
-__all__ = ["RowShard", "check_replicated", "shard_rows"]
+__all__ = ["RowShard", "check_replicated", "check_state_dict", "shard_rows"]

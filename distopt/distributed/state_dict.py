@@ -109,8 +109,26 @@ def _gather_rows(local: torch.Tensor, shard: RowShard) -> torch.Tensor:
 # --- loading -----------------------------------------------------------------------------------
 
 
+def check_state_dict(opt: QuantizedOptimizer, state_dict: dict[str, Any]) -> None:
+    """Raise ValueError naming the parameter or argument if ``opt.load_state_dict(state_dict)``
+    would refuse ``state_dict``; change nothing.
+
+    ``set_optimizer_state_dict(..., broadcast_from_rank0=True)`` copies rank 0's tensors
+    into the live state (cast to its dtypes) before distopt sees them, so dtype mistakes
+    can only be caught on rank 0, before that call: check the full state dict there first.
+    """
+    _prepared(opt, state_dict)
+
+
 def load_pre_hook(opt: QuantizedOptimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
     """Check everything and prepare the new state; torch then sees no state tensors at all."""
+    groups, new_state = _prepared(opt, state_dict)
+    opt._loading = new_state
+    return {"state": {}, "param_groups": [_untagged(g) for g in groups]}
+
+
+def _prepared(opt: QuantizedOptimizer, state_dict: dict[str, Any]) -> tuple[list[dict], dict]:
+    """The checked param groups and each parameter's new local state (nothing installed)."""
     from .. import bnb_import
 
     if bnb_import.is_bitsandbytes_state_dict(state_dict):
@@ -130,8 +148,7 @@ def load_pre_hook(opt: QuantizedOptimizer, state_dict: dict[str, Any]) -> dict[s
     for i, p, name, gi in zip(ids, params, names, owner):
         if saved.get(i):
             new_state[p] = _load_param_state(opt, p, name, groups[gi], saved[i])
-    opt._loading = new_state
-    return {**state_dict, "state": {}, "param_groups": [_untagged(g) for g in groups]}
+    return groups, new_state
 
 
 def load_post_hook(opt: QuantizedOptimizer) -> None:
@@ -167,14 +184,43 @@ def _checked_groups(opt: QuantizedOptimizer, saved_groups: list) -> list[dict[st
                 f"state dict: param_groups[{gi}] has {len(saved['params'])} parameters, the optimizer's "
                 f"{len(live['params'])}"
             )
-        group = {**opt.defaults, **saved}
+        where = f"state dict: param_groups[{gi}]"
+        _refuse_foreign_semantics(saved, where)
+        if FAMILY_KEY in saved:
+            changed = [
+                f"{k}={saved[k]!r} (here {live[k]!r})" for k in LAYOUT_KEYS if k in saved and saved[k] != live[k]
+            ]
+            if changed:
+                raise ValueError(
+                    f"{where} was saved with {', '.join(changed)}: these decide the state's layout; "
+                    "build the optimizer with the settings it was saved with"
+                )
+        group = {k: v for k, v in {**opt.defaults, **saved}.items() if k not in _TORCH_ONLY_KEYS}
         try:
             opt.check_hyperparameters(group)
             check_quantization_args(group)
         except ValueError as err:
-            raise ValueError(f"state dict: param_groups[{gi}]: {err}") from None
+            raise ValueError(f"{where}: {err}") from None
         merged.append(group)
     return merged
+
+
+LAYOUT_KEYS = ("optim_bits", "min_8bit_size", "block_wise")
+"""Group settings that decide the state's layout: a distopt state dict must match them."""
+
+_TORCH_ONLY_KEYS = ("foreach", "fused", "capturable", "differentiable", "maximize", "decoupled_weight_decay")
+"""torch.optim group keys distopt has no use for (dropped once checked)."""
+
+
+def _refuse_foreign_semantics(saved: Mapping[str, Any], where: str) -> None:
+    """Refuse torch.optim groups whose update distopt does not compute."""
+    if saved.get("maximize"):
+        raise ValueError(f"{where} has maximize=True (torch.optim); distopt minimizes only")
+    if saved.get("decoupled_weight_decay") is False and saved.get("weight_decay", 0) != 0:
+        raise ValueError(
+            f"{where} is torch.optim.Adam's with L2 weight decay (decoupled_weight_decay=False); "
+            "distopt's AdamW decays the weights directly"
+        )
 
 
 def _load_param_state(opt, p: torch.Tensor, name: str, group: dict, saved: Mapping[str, Any]) -> dict:
@@ -185,12 +231,13 @@ def _load_param_state(opt, p: torch.Tensor, name: str, group: dict, saved: Mappi
     extra = sorted(set(saved) - known)
     if extra:
         raise ValueError(f"state dict: {name} has unknown state {extra} for {type(opt).__name__}")
-    missing = [k for k in ("step", *opt.required_slots) if k not in saved]
+    missing = [k for k in _required(opt, group, saved) if k not in saved]
     if missing:
-        raise ValueError(f"state dict: {name} has no {missing} in its state")
-    state = {"step": _scalar(saved["step"], torch.float32, name, "step")}
+        raise ValueError(f"state dict: {name} has no {missing} in its state (saved with its group's settings)")
+    step = saved.get("step", 0)  # torch.optim.SGD keeps no step
+    state = {"step": _scalar(step, torch.float32, name, "step", integral=True)}
     if "nonfinite_count" in saved:
-        total = _scalar(saved["nonfinite_count"], torch.int64, name, "nonfinite_count")
+        total = _scalar(saved["nonfinite_count"], torch.int64, name, "nonfinite_count", integral=True)
         state["nonfinite_count"] = total if _first_of_group(shard) else torch.zeros_like(total)
         state["nonfinite_count"] = state["nonfinite_count"].to(_local_device(p))
     for slot in opt.all_slots:  # a fixed key order: ranks walk the state in step (collectives)
@@ -198,6 +245,7 @@ def _load_param_state(opt, p: torch.Tensor, name: str, group: dict, saved: Mappi
             state.update(_load_slot(p, name, shard, group, slot, saved, opt.state.get(p, {})))
     if "gnorm_history" in saved:
         history = _tensor(saved["gnorm_history"], name, "gnorm_history", (torch.float64,), (100,))
+        _check_values(history, name, "gnorm_history")
         state["gnorm_history"] = history.to(device=_local_device(p), copy=True)
     absmax_alone = [k for k in saved if k.endswith("_absmax") and k.removesuffix("_absmax") not in saved]
     if absmax_alone:
@@ -217,6 +265,7 @@ def _load_slot(p, name, shard: RowShard, group, slot: str, saved: Mapping[str, A
             raise ValueError(f"state dict: {name}'s 8-bit {slot!r} has no {key!r}")
         ashape = absmax_shape(shape, group["block_wise"])
         absmax = _tensor(saved[key], name, key, (torch.float32,), ashape, hint="(block_wise as saved)")
+        _check_values(absmax, name, key)
         if group["block_wise"]:
             out[key] = _localize(absmax, p, shard, ashape, live.get(key))
         else:
@@ -224,6 +273,32 @@ def _load_slot(p, name, shard: RowShard, group, slot: str, saved: Mapping[str, A
     elif f"{slot}_absmax" in saved:
         raise ValueError(f"state dict: {name}'s {slot!r} is 32-bit but the state dict has {slot}_absmax")
     return out
+
+
+def _required(opt, group: Mapping[str, Any], saved: Mapping[str, Any]) -> list[str]:
+    """The keys a saved parameter state must hold. A state saved by distopt (its group is
+    tagged) after a step holds every slot its group's settings use, and the history when
+    clipping is on; foreign ones (torch.optim, converted bitsandbytes) may start those afresh."""
+    if FAMILY_KEY not in group:  # torch.optim.SGD keeps no step, AdamW does
+        return ["step", *opt.required_slots] if opt.required_slots else []
+    required = ["step", *opt.required_slots]
+    if _number(saved.get("step", 0)) > 0:
+        required += [slot for slot, _ in opt.state_slots(group)]
+        required += ["gnorm_history"] if group["percentile_clipping"] < 100 else []
+    return list(dict.fromkeys(required))
+
+
+def _number(value: Any) -> float:
+    if torch.is_tensor(value) and value.numel() == 1:
+        return float(value.full_tensor() if isinstance(value, DTensor) else value)
+    return float(value) if isinstance(value, numbers.Real) else 0.0
+
+
+def _check_values(value: torch.Tensor, name: str, key: str) -> None:
+    """Scales and squared norms are finite and >= 0 (a NaN absmax would freeze its block)."""
+    whole = value.full_tensor() if isinstance(value, DTensor) else value  # the same verdict on every rank
+    if whole.numel() and not bool((torch.isfinite(whole) & (whole >= 0)).all()):
+        raise ValueError(f"state dict: {name}'s {key!r} holds values that are negative or not finite")
 
 
 def _width_hint(eight: bool, group) -> str:
@@ -242,7 +317,7 @@ def _tensor(value: Any, name: str, key: str, dtypes: tuple, shape: tuple, hint: 
     return value
 
 
-def _scalar(value: Any, dtype: torch.dtype, name: str, key: str) -> torch.Tensor:
+def _scalar(value: Any, dtype: torch.dtype, name: str, key: str, integral: bool = False) -> torch.Tensor:
     if torch.is_tensor(value):
         if value.numel() != 1 or value.is_complex():
             raise ValueError(f"state dict: {name}'s {key!r} must be one number, not shape {tuple(value.shape)}")
@@ -250,6 +325,8 @@ def _scalar(value: Any, dtype: torch.dtype, name: str, key: str) -> torch.Tensor
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
         raise ValueError(f"state dict: {name}'s {key!r} is {value!r}, expected a finite number >= 0")
+    if integral and (value != int(value) or value > 2**53):
+        raise ValueError(f"state dict: {name}'s {key!r} is {value!r}, expected a whole number (a count)")
     return torch.tensor(value, dtype=dtype)
 
 

@@ -11,7 +11,7 @@ how one parameter is updated; everything else is here:
   the parameter plus fp32 ``<name>_absmax``; 32-bit state is fp32;
 - ``step`` is a 0-d fp32 CPU tensor per parameter (as in torch.optim);
   ``nonfinite_count`` (0-d int64) counts elements skipped for non-finite gradients;
-  ``gnorm_history`` (100 fp32) exists when percentile clipping is on;
+  ``gnorm_history`` (100 float64) exists when percentile clipping is on;
 - ``state_dict()`` / ``load_state_dict()`` go through the hooks of
   :mod:`distopt.distributed.state_dict`: quantized state stays quantized, DTensors stay
   laid out like their parameters, everything is checked before anything changes, and

@@ -201,6 +201,41 @@ def test_save_replaces_the_same_step_removes_stale_partials_and_keeps_the_last_n
         checkpoint.save(tmp_path, 8, state_of(model, opt), keep_last=0)
 
 
+def test_pruning_keeps_the_new_checkpoint_and_counts_only_good_older_ones(tmp_path):
+    model, opt = make()
+    for step in (2, 4, 12):
+        checkpoint.save(tmp_path, step, state_of(model, opt))
+    truncate(tmp_path / "step_00000012" / "__0_0.distcp")  # damaged, and newer than what comes next
+    checkpoint.save(tmp_path, 8, state_of(model, opt), keep_last=2)  # as after a resume from step 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004", "step_00000008", "step_00000012"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert checkpoint.latest(tmp_path).name == "step_00000008"
+
+
+def test_rank_state_that_could_not_be_read_back_is_refused_at_save(tmp_path):
+    import numpy as np
+
+    model, opt = make()
+    with pytest.raises(checkpoint.CheckpointError, match="rank_state must hold only"):
+        checkpoint.save(tmp_path, 1, state_of(model, opt), rank_state={"numpy_rng": np.random.get_state()})
+    assert checkpoint.latest(tmp_path) is None
+
+
+def test_a_checkpoint_that_does_not_fit_the_live_state_is_refused_before_anything_is_loaded(tmp_path):
+    import distopt
+
+    saved_run(tmp_path, steps=(2,))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.LayerNorm(128), torch.nn.Linear(128, 64))
+    opt = distopt.AdamW32bit(model.parameters(), lr=1e-2, percentile_clipping=90)  # 32-bit: fp32 where uint8 was saved
+    train(model, opt, range(1))
+    before = snapshot(model, opt)
+    with pytest.raises(checkpoint.CheckpointError, match="does not fit the state.*torch.uint8.*torch.float32"):
+        checkpoint.load(tmp_path / "step_00000002", state_of(model, opt))
+    assert same(snapshot(model, opt), before)
+
+
 def two_ranks_save_load_and_fail(rank: int, world: int, root: str) -> dict:
     import torch.distributed as dist
 
@@ -277,6 +312,8 @@ def test_one_process_resume_skips_a_truncated_checkpoint_and_continues_exactly(k
     assert "no complete checkpoint" in full and "starting fresh" in full
     with threads(torch.get_num_threads()), pytest.raises(SystemExit, match="pass --resume"):
         train_module().main([*ARGS, *ckpt])  # a fresh run would mix its checkpoints with that run's
+    other = run([sys.executable, TRAIN, *ARGS, *ckpt, "--resume", "--width", "32"], tmp_path)
+    assert other.returncode != 0 and "was written with other settings: width 64 (now 32)" in other.stderr, other.stderr
     shutil.rmtree(tmp_path / "ckpt" / "step_00000012")
     truncate(tmp_path / "ckpt" / "step_00000008" / "__0_0.distcp")
     done = run([sys.executable, TRAIN, *ARGS, *ckpt, "--resume"], tmp_path)
