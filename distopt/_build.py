@@ -25,7 +25,10 @@ from pathlib import Path
 import torch
 
 _CAPABILITY_FLAGS = {
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+    "AVX512": [
+        "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+        "-DDISTOPT_CPU_AVX512",  # selects csrc/cpu/simd_avx512.h
+    ],
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
     "DEFAULT": [],
 }

@@ -17,6 +17,39 @@ float from_bits(uint32_t bits) {
   return x;
 }
 
+// FastCodebook::entry: within a bucket of finite values the value grows with
+// bucket_rank, so `threshold[code] <= x` (code < 255) switches on at one rank, found by
+// bisection. Each bucket is then checked against encode_fast at its first and last
+// value and on both sides of that rank; buckets of infinities and NaNs never step up,
+// as in encode_fast.
+void build_entries(FastCodebook& fb) {
+  constexpr uint32_t kNever = 0x10000u;
+  for (uint32_t b = 0; b < (1u << 16); ++b) {
+    const bool negative = b >> 15;
+    auto value_at = [&](uint32_t rank) { return from_bits(b << 16 | (negative ? rank ^ 0xFFFFu : rank)); };
+    const uint8_t code = fb.bucket[b];
+    uint32_t key = kNever;
+    if (code < 255 && std::isfinite(value_at(0)) && std::isfinite(value_at(0xFFFF)) &&
+        fb.threshold[code] <= value_at(0xFFFF)) {
+      uint32_t lo = 0, hi = 0xFFFF;  // the smallest rank whose value reaches the threshold
+      while (lo < hi) {
+        const uint32_t mid = (lo + hi) / 2;
+        if (fb.threshold[code] <= value_at(mid)) hi = mid; else lo = mid + 1;
+      }
+      key = lo;
+    }
+    fb.entry[b] = code | key << 8;
+    for (uint32_t rank : {0u, 0xFFFFu, key == kNever ? 0u : key, key == kNever || key == 0 ? 0u : key - 1}) {
+      const float x = value_at(rank);
+      const uint8_t stepped = static_cast<uint8_t>(code + (rank >= key ? 1 : 0));
+      uint32_t bits;
+      std::memcpy(&bits, &x, sizeof bits);
+      TORCH_CHECK(bucket_rank(bits) == rank && (stepped == 0 && x > 0.0f ? fb.positive_floor : stepped) ==
+                      encode_fast(fb, x), "distopt: the SIMD encoder table disagrees with encode_fast");
+    }
+  }
+}
+
 std::unique_ptr<FastCodebook> build(const float* qmap) {
   auto fb = std::make_unique<FastCodebook>();
   make_codebook(qmap, fb->book);
@@ -35,6 +68,7 @@ std::unique_ptr<FastCodebook> build(const float* qmap) {
                   "cannot serve it");
     }
   }
+  build_entries(*fb);
   return fb;
 }
 

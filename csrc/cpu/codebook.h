@@ -19,7 +19,15 @@ struct FastCodebook {
   float threshold[256];  // book.threshold, then +inf
   uint8_t positive_floor;  // 1 for maps starting at 0 (see quant.h's floor_positive), else 0
   uint8_t bucket[1 << 16];
+  // For SIMD, bucket and threshold test in one 32-bit entry, read by one gather:
+  // code | key << 8, where the value reaches the next threshold iff its low 16 bits,
+  // flipped for negative values (so that they grow with the value), are >= key
+  // (0x10000: never). Equivalent to encode_fast for every float (checked at build).
+  uint32_t entry[1 << 16];
 };
+
+// A value's low 16 bits in increasing order of the value within its bucket.
+inline uint32_t bucket_rank(uint32_t bits) { return (bits ^ (bits >> 31 ? 0xFFFFu : 0u)) & 0xFFFFu; }
 
 // The table for `qmap`, built once per distinct map and cached (thread-safe).
 const FastCodebook& fast_codebook(const float* qmap);

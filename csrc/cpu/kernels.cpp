@@ -8,6 +8,7 @@
 #include "kernels.h"
 
 #include "codebook.h"
+#include "simd_avx512.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -41,7 +42,18 @@ float max_abs(const float* x, int64_t n) {
   return m;
 }
 
+// max_abs, vectorized where the build allows (the same result).
+float block_max_abs(const float* x, int64_t n) {
+#if defined(DISTOPT_CPU_AVX512)
+  return avx512::max_abs16(x, n, max_abs);
+#endif
+  return max_abs(x, n);
+}
+
 void encode_block(const float* x, int64_t n, float absmax, const FastCodebook& book, uint8_t* codes) {
+#if defined(DISTOPT_CPU_AVX512)
+  return avx512::encode16(x, n, absmax, book, codes);
+#endif
   const float inv = inverse_absmax(absmax);
   if (!finite_bits(inv)) {  // a subnormal absmax has no finite reciprocal: divide instead
     for (int64_t i = 0; i < n; ++i) codes[i] = encode_fast(book, x[i] / absmax);
@@ -61,6 +73,81 @@ BlockSpan block_span(int64_t b, int64_t row_length) {
   const int64_t row = b / per_row, j = b % per_row;
   return {row * row_length + j * kBlockSize, std::min(kBlockSize, row_length - j * kBlockSize)};
 }
+
+#if defined(DISTOPT_CPU_AVX512)
+// Software prefetch of the block this far ahead of the one being updated (its param,
+// gradient and codes; hints only, ignored past the end): the streams are short and many.
+constexpr int64_t kPrefetchDistance = 2;
+
+template <typename P>
+void prefetch_ahead(const Blocked8bit<P>& a, int64_t at) {
+  const int64_t numel = a.rows * a.row_length;
+  if (at >= numel) return;
+  const int64_t n = std::min(kBlockSize, numel - at);
+  for (int64_t i = 0; i < n; i += 64 / static_cast<int64_t>(sizeof(P))) {
+    _mm_prefetch(reinterpret_cast<const char*>(a.param + at + i), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(a.grad + at + i), _MM_HINT_T0);
+  }
+  for (int s = 0; s < a.nstates; ++s) {
+    const char* codes = reinterpret_cast<const char*>(a.state[s].codes + at);
+    for (int64_t i = 0; i < n; i += 64) _mm_prefetch(codes + i, _MM_HINT_T0);
+  }
+}
+
+// One block of run_8bit's block-wise update pass on AVX-512, 16 lanes at a time (masked
+// in a short last block), with simd_avx512.h's lane-exact helpers: each element takes
+// the scalar loop's operations in its order. Returns false, having written nothing,
+// when the block is skipped (a non-finite gradient, or an overflowing new state).
+template <int NS, typename P, typename Rule>
+bool update_block_avx512(const Blocked8bit<P>& a, const Rule& rule, const FastCodebook* const* books,
+                         int64_t b, BlockSpan span, float* p, float (*st)[kBlockSize]) {
+  namespace v = avx512;
+  const int64_t n = span.length, at = span.start;
+  prefetch_ahead(a, at + kPrefetchDistance * kBlockSize);
+  for (int s = 0; s < NS; ++s)
+    v::decode16(a.state[s].codes + at, n, books[s]->book.value, a.state[s].absmax[b], st[s]);
+  // the update, computed even if a gradient turns out non-finite (nothing is written then)
+  __mmask16 bad = 0;
+  v::AbsMax new_max[NS > 0 ? NS : 1];
+  for (int64_t i = 0; i < n; i += v::kLanes) {
+    const __mmask16 m = v::lanes(n - i);
+    const __m512 g = v::load(a.grad + at + i, m);
+    bad |= v::nonfinite(g, m);
+    v::V16 pv{v::load(a.param + at + i, m)};
+    v::V16 e[3] = {{_mm512_setzero_ps()}, {_mm512_setzero_ps()}, {_mm512_setzero_ps()}};
+    for (int s = 0; s < NS; ++s) e[s].v = _mm512_loadu_ps(st[s] + i);
+    rule(pv, v::V16{g} * a.gnorm_scale, e);
+    _mm512_storeu_ps(p + i, pv.v);
+    for (int s = 0; s < NS; ++s) {
+      _mm512_storeu_ps(st[s] + i, e[s].v);
+      new_max[s].add(e[s].v, m);
+    }
+  }
+  if (bad != 0) return false;
+  float absmax[3];
+  for (int s = 0; s < NS; ++s) {
+    absmax[s] = new_max[s].result(st[s], n, max_abs);
+    if (!finite_bits(absmax[s])) return false;  // an overflowing state: skipped too
+  }
+  for (int s = 0; s < NS; ++s) {
+    v::encode16(st[s], n, absmax[s], *books[s], a.state[s].codes + at);
+    a.state[s].absmax[b] = absmax[s];
+  }
+  for (int64_t i = 0; i < n; i += v::kLanes) v::store(a.param + at + i, v::lanes(n - i), _mm512_loadu_ps(p + i));
+  return true;
+}
+
+template <typename P, typename Rule>
+bool update_block_avx512(const Blocked8bit<P>& a, const Rule& rule, const FastCodebook* const* books,
+                         int64_t b, BlockSpan span, float* p, float (*st)[kBlockSize]) {
+  switch (a.nstates) {
+    case 1: return update_block_avx512<1>(a, rule, books, b, span, p, st);
+    case 2: return update_block_avx512<2>(a, rule, books, b, span, p, st);
+    case 3: return update_block_avx512<3>(a, rule, books, b, span, p, st);
+    default: return update_block_avx512<0>(a, rule, books, b, span, p, st);
+  }
+}
+#endif
 
 // The 8-bit driver: for each block, dequantize the states, apply `rule` to each element
 // whose block has a finite gradient, then requantize. With `max_out` it only computes
@@ -85,6 +172,12 @@ void run_8bit(const Blocked8bit<P>& a, const Rule& rule, float* max_out) {
     int64_t local_skipped = 0;
     for (int64_t b = begin; b < end; ++b) {
       const BlockSpan span = block_span(b, a.row_length);
+#if defined(DISTOPT_CPU_AVX512)
+      if (a.block_wise && max_out == nullptr) {
+        if (!update_block_avx512(a, rule, books, b, span, p, st)) local_skipped += span.length;
+        continue;
+      }
+#endif
       const int64_t n = span.length, at = span.start, ai = a.block_wise ? b : 0;
       for (int64_t i = 0; i < n; ++i) g[i] = load(a.grad[at + i]);
       bool finite = all_finite(g, n);
@@ -188,7 +281,8 @@ void run_32bit(const Elementwise32bit<P>& a, const Rule& rule) {
 struct AdamWRule {
   AdamWCoeffs c;
   bool amsgrad;
-  void operator()(float& p, float g, float* e) const {
+  template <typename T>  // float, or avx512::V16
+  void operator()(T& p, T g, T* e) const {
     adamw_element(p, g, e[0], e[1], amsgrad ? &e[2] : nullptr, c);
   }
 };
@@ -196,7 +290,8 @@ struct AdamWRule {
 struct SGDRule {
   SGDCoeffs c;
   bool has_buffer;
-  void operator()(float& p, float g, float* e) const {
+  template <typename T>
+  void operator()(T& p, T g, T* e) const {
     sgd_element(p, g, has_buffer ? &e[0] : nullptr, c);
   }
 };
@@ -256,14 +351,14 @@ void quantize_blockwise(const float* x, int64_t rows, int64_t row_length, bool b
   if (!block_wise) {
     for (int64_t b = 0; b < nblocks; ++b) {
       const BlockSpan span = block_span(b, row_length);
-      global = maximum(global, max_abs(x + span.start, span.length));
+      global = maximum(global, block_max_abs(x + span.start, span.length));
     }
     absmax[0] = global;
   }
   at::parallel_for(0, nblocks, kBlockGrain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const BlockSpan span = block_span(b, row_length);
-      const float scale = block_wise ? max_abs(x + span.start, span.length) : global;
+      const float scale = block_wise ? block_max_abs(x + span.start, span.length) : global;
       if (block_wise) absmax[b] = scale;
       encode_block(x + span.start, span.length, scale, book, codes + span.start);
     }

@@ -1,0 +1,169 @@
+// AVX-512 building blocks for the 8-bit CPU kernels (kernels.cpp), compiled only when
+// the build targets AVX512 (_build.py defines DISTOPT_CPU_AVX512 with -mavx512f/bw/vl/dq).
+//
+// Every helper is a lane-by-lane transcription of its scalar counterpart, so a lane
+// gets the bits the scalar code would give it (DESIGN §3.1):
+// - V16 carries 16 fp32 lanes through optim_math.h's templated rules with the same IEEE
+//   operations in the same order (vmulps, vaddps, vsubps, vdivps, vsqrtps are correctly
+//   rounded like the scalar ones; no FMA is ever written, and -ffp-contract=off keeps
+//   the compiler from forming one);
+// - `maximum` is the scalar `a > b ? a : b` (a NaN in `a` yields `b`);
+// - encode16 is encode_fast: one gather of FastCodebook::entry (bucket code and where
+//   in the bucket the next threshold lies), one integer comparison, the positive floor;
+// - max_abs16 returns the scalar max_abs exactly: without NaN, a maximum does not depend
+//   on the order; with a NaN (whose scalar result depends on its position) it defers to
+//   the scalar fold.
+// Lanes past a block's end are masked: loaded as zeros, never stored.
+#pragma once
+
+#if defined(DISTOPT_CPU_AVX512)
+
+#include <immintrin.h>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "codebook.h"
+
+namespace distopt::cpu::avx512 {
+
+constexpr int64_t kLanes = 16;
+
+struct V16 {
+  __m512 v;
+};
+
+inline V16 operator+(V16 a, V16 b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline V16 operator-(V16 a, V16 b) { return {_mm512_sub_ps(a.v, b.v)}; }
+inline V16 operator*(V16 a, V16 b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline V16 operator/(V16 a, V16 b) { return {_mm512_div_ps(a.v, b.v)}; }
+inline V16 operator+(V16 a, float b) { return a + V16{_mm512_set1_ps(b)}; }
+inline V16 operator-(V16 a, float b) { return a - V16{_mm512_set1_ps(b)}; }
+inline V16 operator*(V16 a, float b) { return a * V16{_mm512_set1_ps(b)}; }
+inline V16 operator/(V16 a, float b) { return a / V16{_mm512_set1_ps(b)}; }
+inline V16 operator+(float a, V16 b) { return V16{_mm512_set1_ps(a)} + b; }
+inline V16 operator-(float a, V16 b) { return V16{_mm512_set1_ps(a)} - b; }
+inline V16 operator*(float a, V16 b) { return V16{_mm512_set1_ps(a)} * b; }
+inline V16 operator/(float a, V16 b) { return V16{_mm512_set1_ps(a)} / b; }
+inline V16 sqrt(V16 a) { return {_mm512_sqrt_ps(a.v)}; }
+// The scalar `a > b ? a : b`, lane by lane (preferred over optim_math.h's template).
+inline V16 maximum(V16 a, V16 b) { return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ), b.v, a.v)}; }
+
+// The lanes [0, n) of a chunk, for n in [0, 16].
+inline __mmask16 lanes(int64_t n) {
+  return n >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u);
+}
+
+// Exact conversions to fp32 (masked lanes read nothing and hold 0).
+inline __m512 load(const float* x, __mmask16 m) { return _mm512_maskz_loadu_ps(m, x); }
+inline __m512 load(const c10::BFloat16* x, __mmask16 m) {
+  const __m512i bits = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, x));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+}
+inline __m512 load(const c10::Half* x, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, x)); }
+
+// Rounded stores from fp32, bitwise as the scalar static_cast<P> (masked lanes untouched).
+inline void store(float* out, __mmask16 m, __m512 x) { _mm512_mask_storeu_ps(out, m, x); }
+inline void store(c10::BFloat16* out, __mmask16 m, __m512 x) {  // c10's round_to_nearest_even
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)),
+                                        _mm512_set1_epi32(0x7FFF));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm512_mask_cvtepi32_storeu_epi16(out, m, rounded);
+}
+inline void store(c10::Half* out, __mmask16 m, __m512 x) {  // c10's own conversion, element by element
+  alignas(64) float lane[kLanes];
+  _mm512_store_ps(lane, x);
+  for (int i = 0; i < kLanes; ++i) {
+    if ((m >> i) & 1) out[i] = static_cast<c10::Half>(lane[i]);
+  }
+}
+
+// max |x| accumulated 16 lanes at a time, equal to kernels.cpp's scalar `max_abs` over
+// the same values: without NaN a maximum does not depend on the order; with one (whose
+// scalar result depends on its position) `result` defers to the scalar fold.
+struct AbsMax {
+  __m512 acc = _mm512_setzero_ps();
+  __mmask16 nan = 0;
+  void add(__m512 x, __mmask16 m) {
+    x = _mm512_maskz_mov_ps(m, x);
+    nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    acc = _mm512_max_ps(acc, _mm512_abs_ps(x));
+  }
+  template <typename Scalar>
+  float result(const float* x, int64_t n, Scalar scalar) const {
+    return nan != 0 ? scalar(x, n) : _mm512_reduce_max_ps(acc);
+  }
+};
+
+template <typename Scalar>
+float max_abs16(const float* x, int64_t n, Scalar scalar) {
+  AbsMax m;
+  for (int64_t i = 0; i < n; i += kLanes) m.add(load(x + i, lanes(n - i)), lanes(n - i));
+  return m.result(x, n, scalar);
+}
+
+// Whether any lane of `x` in `m` is infinite or NaN (the exponent field all ones).
+inline __mmask16 nonfinite(__m512 x, __mmask16 m) {
+  const __m512i exponent = _mm512_set1_epi32(0x7f800000);
+  return _mm512_mask_cmpeq_epi32_mask(m, _mm512_and_si512(_mm512_castps_si512(x), exponent), exponent);
+}
+
+// table[index] for a 256-entry table held in 16 registers: eight two-register
+// permutes (index bits 0-4) and a blend tree on bits 5, 6, 7 (cheaper than a gather).
+inline __m512 lookup256(const __m512* t, __m512i index) {
+  __m512 r[8];
+  for (int k = 0; k < 8; ++k) r[k] = _mm512_permutex2var_ps(t[2 * k], index, t[2 * k + 1]);
+  for (int bit = 32, width = 8; bit <= 128; bit *= 2, width /= 2) {
+    const __mmask16 high = _mm512_test_epi32_mask(index, _mm512_set1_epi32(bit));
+    for (int k = 0; k < width / 2; ++k) r[k] = _mm512_mask_blend_ps(high, r[2 * k], r[2 * k + 1]);
+  }
+  return r[0];
+}
+
+// map[code] * scale for n codes; lanes past n decode code 0 and are stored too (the
+// buffer has room for whole chunks).
+inline void decode16(const uint8_t* codes, int64_t n, const float* value, float scale, float* out) {
+  __m512 table[16];
+  for (int k = 0; k < 16; ++k) table[k] = _mm512_loadu_ps(value + 16 * k);
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int64_t i = 0; i < n; i += kLanes) {
+    const __m512i c = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes(n - i), codes + i));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(lookup256(table, c), s));
+  }
+}
+
+// encode_fast, lane by lane, through FastCodebook::entry (one gather).
+inline __m512i encode_lanes(const FastCodebook& fb, __m512 x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i entry = _mm512_i32gather_epi32(_mm512_srli_epi32(bits, 16), fb.entry, 4);
+  const __m512i code = _mm512_and_si512(entry, _mm512_set1_epi32(0xFF));
+  const __m512i rank = _mm512_and_si512(_mm512_xor_si512(bits, _mm512_srai_epi32(bits, 31)), _mm512_set1_epi32(0xFFFF));
+  const __mmask16 up = _mm512_cmpge_epu32_mask(rank, _mm512_srli_epi32(entry, 8));
+  const __m512i nearest = _mm512_mask_add_epi32(code, up, code, _mm512_set1_epi32(1));
+  const __mmask16 floor = _mm512_cmpeq_epi32_mask(nearest, _mm512_setzero_si512()) &
+                          _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ);
+  return _mm512_mask_mov_epi32(nearest, floor, _mm512_set1_epi32(fb.positive_floor));
+}
+
+// kernels.cpp's encode_block: x * (1 / absmax), or x / absmax when the reciprocal of a
+// subnormal absmax is not finite.
+inline void encode16(const float* x, int64_t n, float absmax, const FastCodebook& fb, uint8_t* codes) {
+  const float inv = inverse_absmax(absmax);
+  const bool divide = !finite_bits(inv);
+  const __m512 s = _mm512_set1_ps(divide ? absmax : inv);
+  for (int64_t i = 0; i < n; i += kLanes) {
+    const __mmask16 m = lanes(n - i);
+    const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+    const __m512 y = divide ? _mm512_div_ps(v, s) : _mm512_mul_ps(v, s);
+    _mm512_mask_cvtepi32_storeu_epi8(codes + i, m, encode_lanes(fb, y));
+  }
+}
+
+}  // namespace distopt::cpu::avx512
+
+#endif  // DISTOPT_CPU_AVX512
