@@ -17,9 +17,28 @@ and may build distopt's C++ kernels; torchao compiles on its first step). State 
 parameter element count each per-parameter state tensor once; the scalars ``step`` and
 ``nonfinite_count`` and bitsandbytes' shared quantization maps (``qmap*``) are excluded.
 
-Workloads: ``single`` (one parameter of ``--numel`` elements, shaped ``[numel/1024, 1024]``)
-and ``gpt2`` (GPT-2 small's 148 tensors, 124,439,808 elements; ``--scale`` shrinks every
-dimension for quick runs). ``main()`` returns what it prints, for tests.
+Workloads: ``single`` (one parameter of ``--numel`` elements, shaped ``[numel/1024, 1024]``),
+``gpt2`` (GPT-2 small's 148 tensors, 124,439,808 elements; ``--scale`` shrinks every
+dimension for quick runs) and ``big`` (one ``[65536, 1024]`` parameter, 67,108,864 elements;
+``--big-numel`` shrinks it). ``all`` runs the three.
+
+Extra tables, after the throughput tables, all from the same run:
+
+- bandwidth (always): bytes a distopt step moves per element, over its time. An fp32 step
+  reads p and g and writes p (12 B/element) and reads and writes every state tensor once
+  (2 x state bytes: AdamW8bit 16 B/element plus absmax, AdamW32bit 28, SGD8bit 14 plus
+  absmax, SGD32bit 20). Against an in-place fp32 ``a.add_(b, alpha=s)`` probe (12 B/element:
+  read a, b; write a) on the same number of elements, measured in this run: GB/s and the
+  percentage of the probe's GB/s;
+- with ``--extras``: the cost of ``percentile_clipping=95`` (AdamW8bit with over without, a
+  time ratio, each workload); thread scaling of distopt AdamW8bit and torch AdamW fused at 1
+  and 2 threads (single workload, speed-up = time at 1 / time at 2); extra memory during
+  ``step()`` after the first, in a fresh ``python -c`` process per optimizer (single
+  workload): the ``ru_maxrss`` growth over ``--steps`` steps that follow the first step
+  (which allocates the state; on Linux the peak is reset after it through
+  ``/proc/self/clear_refs`` so its transients do not hide later ones), in MiB per thread.
+
+``main()`` returns what it prints, for tests; ``--json`` writes the same.
 """
 
 from __future__ import annotations
@@ -31,6 +50,8 @@ import json
 import math
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -49,6 +70,12 @@ ADAMW_BASELINE = "torch AdamW fused"
 SGD_BASELINES = ("torch SGD", "torch SGD foreach", "torch SGD fused")
 SGD_KWARGS = {"lr": 1e-2, "momentum": 0.9}
 _SCALAR_STATE = ("step", "nonfinite_count")
+WORKLOADS = ("single", "gpt2", "big")
+BIG_NUMEL = 65536 * 1024
+PROBE_BYTES_PER_ELEMENT = 12  # a.add_(b, alpha=s) on fp32: read a, b; write a
+CLIP_PERCENTILE = 95
+SCALING_THREADS = (1, 2)
+SCALING_OPTIMIZERS = ("distopt AdamW8bit", ADAMW_BASELINE)
 
 
 @dataclass
@@ -76,6 +103,67 @@ class Row:
     notes: str = ""
 
 
+@dataclass
+class Bandwidth:
+    """A distopt row's bytes moved per second, against the probe on the same element count."""
+
+    name: str
+    workload: str
+    numel: int
+    bytes_per_element: float
+    gb_per_s: float
+    probe_gb_per_s: float
+    percent_of_probe: float
+
+
+@dataclass
+class Probe:
+    """The in-place fp32 ``a.add_(b, alpha=s)`` probe: the memory speed a step is held against."""
+
+    workload: str
+    numel: int
+    ms: float
+    gb_per_s: float
+
+
+@dataclass
+class Clipping:
+    """AdamW8bit with ``percentile_clipping`` over without, same parameters, same run."""
+
+    workload: str
+    numel: int
+    percentile: int
+    ms_without: float
+    ms_with: float
+    time_ratio: float
+
+
+@dataclass
+class Scaling:
+    """One optimizer's step time at 1 and 2 threads."""
+
+    name: str
+    workload: str
+    numel: int
+    ms_per_thread_count: dict[str, float]
+    speedup: float
+
+
+@dataclass
+class StepMemory:
+    """Peak RSS growth over the steps after the first, in a fresh process."""
+
+    name: str
+    workload: str
+    numel: int
+    threads: int
+    steps: int
+    peak_rss_delta_mib: float
+    mib_per_thread: float
+    rss_delta_mib: float  # current RSS after minus before (psutil when importable)
+    peak_reset: bool  # whether the first step's peak was cleared before measuring
+
+
 # --- workloads -------------------------------------------------------------------------
 
 
@@ -93,11 +181,13 @@ def gpt2_shapes(scale: float = 1.0) -> list[Shape]:
     return [(vocab, d), (ctx, d)] + block * 12 + [(d,), (d,)]
 
 
-def workload_shapes(workload: str, numel: int, scale: float) -> list[Shape]:
+def workload_shapes(workload: str, numel: int, scale: float, big_numel: int = BIG_NUMEL) -> list[Shape]:
     if workload == "single":
         return [(max(1, numel // 1024), 1024)]
     if workload == "gpt2":
         return gpt2_shapes(scale)
+    if workload == "big":
+        return [(max(1, big_numel // 1024), 1024)]
     raise ValueError(f"unknown workload {workload!r}")
 
 
@@ -171,22 +261,32 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     return sum(_nbytes(t) for t in seen.values())
 
 
-def measure(factory: Factory, shapes: Sequence[Shape], steps: int, warmup: int, seed: int = 0) -> tuple[float, int]:
-    """Median seconds per ``opt.step()`` and state bytes, on fresh fp32 parameters of ``shapes``."""
+def make_params(shapes: Sequence[Shape], seed: int = 0) -> list[torch.Tensor]:
+    """Fresh fp32 parameters of ``shapes`` with gradients set, from ``seed``."""
     gen = torch.Generator().manual_seed(seed)
     params = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+    return params
+
+
+def median_seconds(fn: Callable[[], object], steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(factory: Factory, shapes: Sequence[Shape], steps: int, warmup: int, seed: int = 0) -> tuple[float, int]:
+    """Median seconds per ``opt.step()`` and state bytes, on fresh fp32 parameters of ``shapes``."""
+    params = make_params(shapes, seed)
     opt = factory(params)
     try:
-        for _ in range(warmup):
-            opt.step()
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            opt.step()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times), state_bytes(opt)
+        return median_seconds(opt.step, steps, warmup), state_bytes(opt)
     finally:  # free params, gradients and state before the next optimizer (gpt2: ~2 GB)
         opt.state.clear()
         del opt, params
@@ -225,11 +325,129 @@ def attach_ratios(rows: list[Row], family_of: dict[str, str]) -> dict[str, str]:
 
 
 def run_workload(workload: str, chosen: list[Candidate], args: argparse.Namespace) -> list[Row]:
-    shapes = workload_shapes(workload, args.numel, args.scale)
+    shapes = workload_shapes(workload, args.numel, args.scale, args.big_numel)
     rows = [measure_row(c, workload, shapes, args) for c in chosen]
     baselines = attach_ratios(rows, {c.name: c.family for c in chosen})
     print_table(workload, shapes, rows, baselines, args)
     return rows
+
+
+# --- extra measurements ----------------------------------------------------------------
+
+
+def measure_probe(workload: str, numel: int, steps: int, warmup: int) -> Probe:
+    """Median time of an in-place fp32 ``a.add_(b, alpha=s)`` on ``numel`` elements."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(numel, generator=gen), torch.randn(numel, generator=gen)
+    seconds = median_seconds(lambda: x.add_(y, alpha=1e-3), steps, warmup)
+    return Probe(workload, numel, seconds * 1e3, PROBE_BYTES_PER_ELEMENT * numel / seconds / 1e9)
+
+
+def bandwidth(rows: list[Row], probe: Probe) -> list[Bandwidth]:
+    """Bytes moved per second by each measured distopt row (fp32 params: 12 B + 2 x state bytes)."""
+    out = []
+    for r in rows:
+        if r.name.startswith("distopt") and r.elements_per_s and r.state_bytes_per_param is not None:
+            per_elem = 3 * 4 + 2 * r.state_bytes_per_param
+            gbps = per_elem * r.elements_per_s / 1e9
+            out.append(Bandwidth(r.name, r.workload, r.numel, per_elem, gbps, probe.gb_per_s,
+                                 100 * gbps / probe.gb_per_s))  # fmt: skip
+    return out
+
+
+def measure_clipping(workload: str, shapes: Sequence[Shape], args: argparse.Namespace) -> Clipping:
+    """AdamW8bit with ``percentile_clipping=95`` against without, on the same parameters."""
+    without, _ = measure(lambda ps: distopt.AdamW8bit(ps), shapes, args.steps, args.warmup)
+    with_, _ = measure(
+        lambda ps: distopt.AdamW8bit(ps, percentile_clipping=CLIP_PERCENTILE), shapes, args.steps, args.warmup
+    )
+    numel = sum(math.prod(s) for s in shapes)
+    return Clipping(workload, numel, CLIP_PERCENTILE, without * 1e3, with_ * 1e3, with_ / without)
+
+
+def measure_scaling(shapes: Sequence[Shape], args: argparse.Namespace) -> list[Scaling]:
+    """distopt AdamW8bit and torch AdamW fused at 1 and 2 threads; speed-up = t(1) / t(2)."""
+    factories = {c.name: c.factory for c in candidates() if c.name in SCALING_OPTIMIZERS}
+    numel = sum(math.prod(s) for s in shapes)
+    out = []
+    try:
+        for name in SCALING_OPTIMIZERS:
+            ms = {}
+            for n in SCALING_THREADS:
+                torch.set_num_threads(n)
+                ms[str(n)] = measure(factories[name], shapes, args.steps, args.warmup)[0] * 1e3
+            first, last = (ms[str(n)] for n in (SCALING_THREADS[0], SCALING_THREADS[-1]))
+            out.append(Scaling(name, "single", numel, ms, first / last))
+    finally:
+        torch.set_num_threads(args.threads)
+    return out
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux >= 4.0); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _current_rss() -> int:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_child(name: str, shapes: Sequence[Shape], steps: int, threads: int) -> dict:
+    """In a fresh process: first step, then the peak RSS growth over ``steps`` more (bytes)."""
+    import resource
+
+    torch.set_num_threads(threads)
+    factory = next(c.factory for c in candidates() if c.name == name)
+    params = make_params(shapes)
+    opt = factory(params)
+    opt.step()  # allocates the state (and builds nothing: the parent process built the kernels)
+    gc.collect()
+    reset = _reset_peak_rss()
+    rss0, peak0 = _current_rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(steps):
+        opt.step()
+    peak1, rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, _current_rss()
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
+    return {"peak_delta": max(0, (peak1 - peak0) * scale), "rss_delta": rss1 - rss0, "peak_reset": reset}
+
+
+def measure_step_memory(name: str, shapes: Sequence[Shape], args: argparse.Namespace) -> StepMemory:
+    """Run ``memory_child`` in a fresh ``python -c`` process and report MiB (per thread)."""
+    code = (
+        "import json, sys; from distopt import bench; a = sys.argv; "
+        "print(json.dumps(bench.memory_child(a[1], json.loads(a[2]), int(a[3]), int(a[4]))))"
+    )
+    argv = [sys.executable, "-c", code, name, json.dumps([list(s) for s in shapes]), str(args.steps), str(args.threads)]
+    done = subprocess.run(argv, capture_output=True, text=True, check=True)
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    mib = got["peak_delta"] / 2**20
+    numel = sum(math.prod(s) for s in shapes)
+    return StepMemory(name, "single", numel, args.threads, args.steps, mib, mib / args.threads,
+                      got["rss_delta"] / 2**20, got["peak_reset"])  # fmt: skip
+
+
+def run_extras(chosen: list[Candidate], workloads: Sequence[str], args: argparse.Namespace) -> dict:
+    """Clipping cost per workload; thread scaling and step memory on the single workload."""
+    clipping = [
+        measure_clipping(w, workload_shapes(w, args.numel, args.scale, args.big_numel), args) for w in workloads
+    ]
+    single = workload_shapes("single", args.numel, args.scale)
+    scaling = measure_scaling(single, args)
+    names = [c.name for c in chosen if c.name.startswith("distopt") or c.name == ADAMW_BASELINE]
+    memory = [measure_step_memory(n, single, args) for n in names]
+    print_extras(clipping, scaling, memory)
+    return {"clipping": clipping, "thread_scaling": scaling, "step_memory": memory}
 
 
 # --- reporting -------------------------------------------------------------------------
@@ -257,6 +475,38 @@ def print_table(
               f"{r.notes}".rstrip())  # fmt: skip
 
 
+def print_bandwidth(probes: list[Probe], bw: list[Bandwidth]) -> None:
+    print("\n== bandwidth: bytes a step moves / its time, vs an in-place fp32 a.add_(b, alpha=s) probe "
+          f"({PROBE_BYTES_PER_ELEMENT} B/element) on the same element count, same run ==")  # fmt: skip
+    for p in probes:
+        print(f"probe {p.workload}: {p.numel:,} elements, {p.ms:.2f} ms, {p.gb_per_s:.1f} GB/s")
+    width = max([len("optimizer"), *(len(b.name) for b in bw)])
+    print(f"{'optimizer':<{width}}  {'workload':<8}  {'B/elem':>7}  {'GB/s':>7}  {'% of probe':>10}")
+    for b in bw:
+        print(f"{b.name:<{width}}  {b.workload:<8}  {b.bytes_per_element:7.3f}  {b.gb_per_s:7.1f}  "
+              f"{b.percent_of_probe:9.1f}%")  # fmt: skip
+
+
+def print_extras(clipping: list[Clipping], scaling: list[Scaling], memory: list[StepMemory]) -> None:
+    print(f"\n== percentile_clipping={CLIP_PERCENTILE} cost: distopt AdamW8bit with / without, same run ==")
+    for c in clipping:
+        print(f"{c.workload:<8}  without {c.ms_without:8.2f} ms  with {c.ms_with:8.2f} ms  "
+              f"ratio {c.time_ratio:.3f}x")  # fmt: skip
+    counts = " and ".join(map(str, SCALING_THREADS))
+    print(f"\n== thread scaling (single workload): ms/step at {counts} threads, speed-up = t(1) / t(2) ==")
+    width = max([len("optimizer"), *(len(s.name) for s in scaling)])
+    for s in scaling:
+        cols = "  ".join(f"{n} thr {s.ms_per_thread_count[str(n)]:8.2f} ms" for n in SCALING_THREADS)
+        print(f"{s.name:<{width}}  {cols}  speed-up {s.speedup:.2f}x")
+    print("\n== extra memory during step() after the first (fresh process each; peak RSS growth) ==")
+    width = max([len("optimizer"), *(len(m.name) for m in memory)])
+    print(f"{'optimizer':<{width}}  {'threads':>7}  {'steps':>5}  {'peak MiB':>8}  {'MiB/thread':>10}  "
+          f"{'RSS MiB':>8}  peak reset")  # fmt: skip
+    for m in memory:
+        print(f"{m.name:<{width}}  {m.threads:>7}  {m.steps:>5}  {m.peak_rss_delta_mib:8.2f}  "
+              f"{m.mib_per_thread:10.2f}  {m.rss_delta_mib:8.2f}  {'yes' if m.peak_reset else 'no'}")  # fmt: skip
+
+
 def environment() -> dict:
     """What the figures depend on; the distopt backend is the one actually used on CPU."""
     fused = functional.use_fused(torch.device("cpu"))  # builds the C++ kernels if needed
@@ -274,22 +524,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m distopt.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--workload", choices=["single", "gpt2", "all"], default="single")
+    parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="single")
     parser.add_argument("--numel", type=int, default=16_777_216, help="elements of the single workload's parameter")
+    parser.add_argument("--big-numel", type=int, default=BIG_NUMEL, help="elements of the big workload's parameter")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the gpt2 workload's dimensions")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (state, kernel build, compile)")
     parser.add_argument("--optimizers", default="", help="comma list of names to run (torch baselines always run)")
     parser.add_argument("--json", default="", metavar="PATH", help="also write the results to PATH")
+    parser.add_argument(
+        "--extras", action="store_true", help="also clipping cost, thread scaling and step memory (slower)"
+    )
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.threads < 1 or args.numel < 1 or args.scale <= 0:
-        parser.error("--steps, --threads, --numel and --scale must be positive, --warmup non-negative")
+    if min(args.steps, args.threads, args.numel, args.big_numel) < 1 or args.warmup < 0 or args.scale <= 0:
+        parser.error("--steps, --threads, --numel, --big-numel and --scale must be positive, --warmup non-negative")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run the benchmark, print one table per workload, return ``{"environment", "rows"}``."""
+    """Run the benchmark, print the tables; return ``{"environment", "rows", "probes", "bandwidth",
+    "clipping", "thread_scaling", "step_memory"}`` (the last three None without ``--extras``)."""
     args = parse_args(argv)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
@@ -306,11 +561,21 @@ def main(argv: list[str] | None = None) -> dict:
             if c.factory is None:
                 print(f"{c.name}: {c.notes}")
         rows: list[Row] = []
-        for workload in ("single", "gpt2") if args.workload == "all" else (args.workload,):
-            rows += run_workload(workload, chosen, args)
+        probes: list[Probe] = []
+        bw: list[Bandwidth] = []
+        workloads = WORKLOADS if args.workload == "all" else (args.workload,)
+        for workload in workloads:
+            got = run_workload(workload, chosen, args)
+            probes.append(measure_probe(workload, got[0].numel, args.steps, args.warmup))
+            rows, bw = rows + got, bw + bandwidth(got, probes[-1])
+        print_bandwidth(probes, bw)
+        extras = run_extras(chosen, workloads, args) if args.extras else {}
     finally:
         torch.set_num_threads(old_threads)
     result = {"environment": env, "rows": [asdict(r) for r in rows]}
+    result["probes"], result["bandwidth"] = [asdict(p) for p in probes], [asdict(b) for b in bw]
+    for key in ("clipping", "thread_scaling", "step_memory"):
+        result[key] = [asdict(x) for x in extras[key]] if key in extras else None
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2, allow_nan=False)

@@ -30,9 +30,10 @@ TINY = ["--steps", "1", "--warmup", "1", "--threads", "1"]
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> tuple[dict, dict]:
-    """The returned results of one run of both workloads, and the JSON file it wrote."""
+    """The returned results of one run of every workload with the extras, and the JSON file it wrote."""
     path = tmp_path_factory.mktemp("bench") / "bench.json"
-    out = bench.main(["--workload", "all", "--numel", "262144", "--scale", "0.05", "--json", str(path), *TINY])
+    sizes = ["--numel", "262144", "--scale", "0.05", "--big-numel", "65536"]
+    out = bench.main(["--workload", "all", *sizes, "--extras", "--json", str(path), *TINY])
     return out, json.loads(path.read_text())
 
 
@@ -96,3 +97,66 @@ def test_optimizers_option_restricts_rows_but_keeps_the_baselines(capsys):
     assert "distopt SGD8bit" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench.main(["--optimizers", "NoSuchOptimizer", *TINY])
+
+
+def finite_positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_big_workload_is_one_64m_element_parameter(report):
+    assert bench.workload_shapes("big", 1, 1.0) == [(65536, 1024)]
+    assert rows_of(report, "big")["distopt AdamW8bit"]["numel"] == 65536  # --big-numel shrinks it
+
+
+def test_bandwidth_against_a_probe_of_the_same_element_count(report):
+    out = report[1]
+    probes = {p["workload"]: p for p in out["probes"]}
+    assert set(probes) == set(bench.WORKLOADS)
+    assert all(finite_positive(p["ms"]) and finite_positive(p["gb_per_s"]) for p in probes.values())
+    got = {(b["name"], b["workload"]): b for b in out["bandwidth"]}
+    assert set(got) == {(n, w) for n in DISTOPT for w in bench.WORKLOADS}
+    for (name, workload), b in got.items():
+        assert b["numel"] == probes[workload]["numel"] == rows_of(report, workload)[name]["numel"]
+        assert b["probe_gb_per_s"] == probes[workload]["gb_per_s"]
+        assert finite_positive(b["gb_per_s"]) and finite_positive(b["percent_of_probe"])
+        assert b["percent_of_probe"] == pytest.approx(100 * b["gb_per_s"] / b["probe_gb_per_s"])
+    single = {n: got[(n, "single")]["bytes_per_element"] for n in DISTOPT}
+    assert single["distopt AdamW8bit"] == pytest.approx(16 + 2 * 2 * 4 / 256)
+    assert single["distopt AdamW32bit"] == pytest.approx(28)
+    assert single["distopt SGD8bit"] == pytest.approx(14 + 2 * 4 / 256)
+    assert single["distopt SGD32bit"] == pytest.approx(20)
+
+
+def test_clipping_cost_is_a_same_run_time_ratio(report):
+    clipping = {c["workload"]: c for c in report[1]["clipping"]}
+    assert set(clipping) == set(bench.WORKLOADS)
+    for c in clipping.values():
+        assert c["percentile"] == 95
+        assert all(finite_positive(c[k]) for k in ("ms_without", "ms_with", "time_ratio"))
+        assert c["time_ratio"] == pytest.approx(c["ms_with"] / c["ms_without"])
+
+
+def test_thread_scaling_at_one_and_two_threads(report):
+    scaling = {s["name"]: s for s in report[1]["thread_scaling"]}
+    assert set(scaling) == {"distopt AdamW8bit", "torch AdamW fused"}
+    for s in scaling.values():
+        assert set(s["ms_per_thread_count"]) == {"1", "2"} and s["workload"] == "single"
+        assert all(finite_positive(v) for v in s["ms_per_thread_count"].values())
+        assert s["speedup"] == pytest.approx(s["ms_per_thread_count"]["1"] / s["ms_per_thread_count"]["2"])
+
+
+def test_step_memory_measured_in_a_fresh_process_per_optimizer(report):
+    memory = {m["name"]: m for m in report[1]["step_memory"]}
+    assert set(memory) == {*DISTOPT, "torch AdamW fused"}
+    for m in memory.values():
+        assert m["threads"] == 1 and m["steps"] == 1 and m["numel"] == 262144
+        assert math.isfinite(m["peak_rss_delta_mib"]) and m["peak_rss_delta_mib"] >= 0
+        assert m["mib_per_thread"] == pytest.approx(m["peak_rss_delta_mib"] / m["threads"])
+        assert math.isfinite(m["rss_delta_mib"]) and isinstance(m["peak_reset"], bool)
+
+
+def test_extras_are_none_without_the_flag(capsys):
+    out = bench.main(["--numel", "65536", "--optimizers", "distopt SGD8bit", *TINY])
+    assert out["clipping"] is None and out["thread_scaling"] is None and out["step_memory"] is None
+    assert [b["name"] for b in out["bandwidth"]] == ["distopt SGD8bit"]
+    assert "bandwidth" in capsys.readouterr().out
