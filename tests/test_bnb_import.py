@@ -259,6 +259,16 @@ def test_distopt_and_torch_state_dicts_are_not_taken_for_bitsandbytes_ones():
     assert not bnb_import.is_bitsandbytes_state_dict([])
 
 
+def loaded_from_bnb(kind, ours=None, **overrides):
+    """bitsandbytes trained K steps, and a distopt optimizer (``ours`` kind, default the same)
+    on copies of its parameters with its state dict converted and loaded."""
+    bnb_opt, bnb_params, sd = trained_bnb(kind)
+    params = copies(bnb_params)
+    opt = (ours or kind).make_ours(params, **overrides)
+    opt.load_state_dict(bnb_import.from_bitsandbytes(opt, sd))
+    return bnb_opt, bnb_params, params, opt
+
+
 # --- converting ----------------------------------------------------------------------------
 
 
@@ -303,10 +313,7 @@ def check_slot(ours: dict, theirs: dict, slot: str, idx: str, signed: bool, shap
 @pytest.mark.parametrize("name", KINDS)
 def test_training_continues_close_to_bitsandbytes_after_conversion_with_finite_values(name):
     kind = KINDS[name]
-    bnb_opt, bnb_params, sd = trained_bnb(kind)
-    params = copies(bnb_params)
-    opt = kind.make_ours(params)
-    opt.load_state_dict(bnb_import.from_bitsandbytes(opt, sd))
+    bnb_opt, bnb_params, params, opt = loaded_from_bnb(kind)
     start = [p.detach().clone() for p in bnb_params]
     train(bnb_opt, bnb_params, CONTINUE, first_seed=200)
     train(opt, params, CONTINUE, first_seed=200)
@@ -324,10 +331,7 @@ def test_training_continues_close_to_bitsandbytes_after_conversion_with_finite_v
 @pytest.mark.parametrize("name", ["AdamW32bit", "SGD32bit"])
 def test_bnb_32bit_state_into_an_8bit_distopt_optimizer_is_quantized_within_the_bound(name):
     kind = KINDS[name]
-    bnb_opt, bnb_params, sd = trained_bnb(kind)
-    params = copies(bnb_params)
-    opt = KINDS[name.replace("32bit", "8bit")].make_ours(params)
-    opt.load_state_dict(bnb_import.from_bitsandbytes(opt, sd))
+    bnb_opt, bnb_params, params, opt = loaded_from_bnb(kind, ours=KINDS[name.replace("32bit", "8bit")])
     for shape, p, q in zip(SHAPES[:NO_GRAD], bnb_params, params):
         for slot, idx, signed in kind.slots:
             theirs, ours = bnb_opt.state[p][f"state{idx}"], opt.state[q]
@@ -342,10 +346,7 @@ def test_bnb_32bit_state_into_an_8bit_distopt_optimizer_is_quantized_within_the_
 
 def test_block_wise_false_requantizes_8bit_state_with_one_absmax_within_the_bound():
     kind = KINDS["AdamW8bit"]
-    bnb_opt, bnb_params, sd = trained_bnb(kind)
-    params = copies(bnb_params)
-    opt = kind.make_ours(params, block_wise=False)
-    opt.load_state_dict(bnb_import.from_bitsandbytes(opt, sd))
+    bnb_opt, bnb_params, params, opt = loaded_from_bnb(kind, block_wise=False)
     for shape, p, q in zip(SHAPES[:NO_GRAD], bnb_params, params):
         if not quant.uses_8bit_state(shape, 8, 64):
             continue
