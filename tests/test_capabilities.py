@@ -39,6 +39,10 @@ CONFIGS = [
     (distopt.SGD8bit, {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
     (distopt.SGD8bit, {"lr": 0.05, "momentum": 0.8, "dampening": 1.0, "weight_decay": 3e38}),
     (distopt.AdamW32bit, {"amsgrad": True}),
+    (distopt.AdamW32bit, {"weight_decay": 0.1}),
+    (distopt.SGD32bit, {"lr": 0.05}),
+    (distopt.SGD32bit, {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
+    (distopt.SGD32bit, {"lr": 0.05, "momentum": 0.8, "dampening": 0.5}),
 ]
 
 def grad(shape, dtype, seed):

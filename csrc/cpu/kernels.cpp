@@ -233,13 +233,42 @@ void run_8bit(const Blocked8bit<P>& a, const Rule& rule, float* max_out) {
   *a.nonfinite_count += skipped.load();
 }
 
+#if defined(DISTOPT_CPU_AVX512)
+// run_32bit_n's loop over [begin, end) on AVX-512, 16 lanes at a time (masked at the
+// end): each element takes the scalar loop's operations, so it gets the same bits
+// wherever it sits. Returns the count of skipped elements.
+template <int NS, typename P, typename Rule>
+int64_t update_32bit_avx512(const Elementwise32bit<P>& a, const Rule& rule, int64_t begin, int64_t end) {
+  namespace v = avx512;
+  int64_t skipped = 0;
+  for (int64_t i = begin; i < end; i += v::kLanes) {
+    const __mmask16 m = v::lanes(end - i);
+    const __m512 g = v::load(a.grad + i, m);
+    __mmask16 finite = m & ~v::nonfinite(g, m);
+    v::V16 p{v::load(a.param + i, m)};
+    v::V16 e[3] = {{_mm512_setzero_ps()}, {_mm512_setzero_ps()}, {_mm512_setzero_ps()}};
+    for (int s = 0; s < NS; ++s) e[s].v = _mm512_maskz_loadu_ps(m, a.state[s] + i);
+    rule(p, v::V16{_mm512_maskz_mov_ps(finite, (v::V16{g} * a.gnorm_scale).v)}, e);
+    for (int s = 0; s < NS; ++s) finite &= ~v::nonfinite(e[s].v, m);  // an overflowing state: skipped too
+    v::store(a.param + i, finite, p.v);
+    for (int s = 0; s < NS; ++s) _mm512_mask_storeu_ps(a.state[s] + i, finite, e[s].v);
+    skipped += __builtin_popcount(static_cast<unsigned>(m & ~finite));
+  }
+  return skipped;
+}
+#endif
+
 // The 32-bit driver: elementwise; a non-finite gradient leaves its element untouched.
 // Written branch-free over restrict pointers with the state count fixed at compile
-// time, so the compiler vectorizes it (IEEE operations only: the same bits as scalar).
+// time (IEEE operations only: the same bits as the AVX-512 loop above).
 template <int NS, typename P, typename Rule>
 void run_32bit_n(const Elementwise32bit<P>& a, const Rule& rule) {
   std::atomic<int64_t> skipped{0};
   at::parallel_for(0, a.numel, kElementGrain, [&](int64_t begin, int64_t end) {
+#if defined(DISTOPT_CPU_AVX512)
+    skipped += update_32bit_avx512<NS>(a, rule, begin, end);
+    return;
+#endif
     P* __restrict__ param = a.param;
     const P* __restrict__ grad = a.grad;
     float* __restrict__ s0 = a.state[0];
