@@ -50,6 +50,17 @@ void build_entries(FastCodebook& fb) {
   }
 }
 
+// FastCodebook::compact from `entry`, and whether it stands for every bucket it serves.
+void build_compact(FastCodebook& fb) {
+  constexpr uint32_t low = FastCodebook::kCompactLow, high = FastCodebook::kCompactHigh;
+  constexpr uint32_t size = FastCodebook::kCompactSize;
+  fb.compact_ok = true;
+  for (uint32_t sign = 0; sign < 2; ++sign) {
+    for (uint32_t m = low; m < high; ++m) fb.compact[sign * size + m - low] = fb.entry[sign << 15 | m];
+    for (uint32_t m = 0; m < low; ++m) fb.compact_ok &= fb.entry[sign << 15 | m] == fb.entry[sign << 15 | low];
+  }
+}
+
 std::unique_ptr<FastCodebook> build(const float* qmap) {
   auto fb = std::make_unique<FastCodebook>();
   make_codebook(qmap, fb->book);
@@ -69,6 +80,7 @@ std::unique_ptr<FastCodebook> build(const float* qmap) {
     }
   }
   build_entries(*fb);
+  build_compact(*fb);
   return fb;
 }
 

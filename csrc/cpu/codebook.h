@@ -24,6 +24,18 @@ struct FastCodebook {
   // flipped for negative values (so that they grow with the value), are >= key
   // (0x10000: never). Equivalent to encode_fast for every float (checked at build).
   uint32_t entry[1 << 16];
+  // `entry` for the buckets of magnitudes below 2 (all a scaled state can reach, but for
+  // rounding at absmax), in a table small enough to stay in L1: bucket b (top 16 bits)
+  // of magnitude bucket m = b & 0x7FFF < kCompactHigh reads
+  // compact[(b >> 15) * kCompactSize + max(m, kCompactLow) - kCompactLow]; every
+  // bucket below kCompactLow (magnitudes under 2^-25, far below the smallest threshold)
+  // has the entry of bucket kCompactLow. Checked for every bucket when built; if a map
+  // broke that, `compact_ok` is false and only `entry` is used.
+  static constexpr uint32_t kCompactLow = 102u << 7;   // the bucket of 2^-25
+  static constexpr uint32_t kCompactHigh = 128u << 7;  // the bucket of 2.0
+  static constexpr uint32_t kCompactSize = kCompactHigh - kCompactLow;
+  bool compact_ok;
+  uint32_t compact[2 * kCompactSize];
 };
 
 // A value's low 16 bits in increasing order of the value within its bucket.

@@ -137,10 +137,24 @@ inline void decode16(const uint8_t* codes, int64_t n, const float* value, float 
   }
 }
 
-// encode_fast, lane by lane, through FastCodebook::entry (one gather).
+// FastCodebook entries for the lanes of `bits`: one gather from the L1-sized `compact`
+// table, or from the whole `entry` table when a lane lies outside it (|x| >= 2, inf, NaN).
+inline __m512i entries(const FastCodebook& fb, __m512i bits) {
+  const __m512i bucket = _mm512_srli_epi32(bits, 16);
+  const __m512i magnitude = _mm512_and_si512(bucket, _mm512_set1_epi32(0x7FFF));
+  const __mmask16 outside = _mm512_cmpge_epu32_mask(magnitude, _mm512_set1_epi32(FastCodebook::kCompactHigh));
+  if (!fb.compact_ok || outside != 0) return _mm512_i32gather_epi32(bucket, fb.entry, 4);
+  const __m512i low = _mm512_set1_epi32(FastCodebook::kCompactLow);
+  const __m512i slot = _mm512_add_epi32(_mm512_sub_epi32(_mm512_max_epu32(magnitude, low), low),
+                                        _mm512_and_si512(_mm512_srai_epi32(bits, 31),
+                                                         _mm512_set1_epi32(FastCodebook::kCompactSize)));
+  return _mm512_i32gather_epi32(slot, fb.compact, 4);
+}
+
+// encode_fast, lane by lane, through FastCodebook's entries (one gather).
 inline __m512i encode_lanes(const FastCodebook& fb, __m512 x) {
   const __m512i bits = _mm512_castps_si512(x);
-  const __m512i entry = _mm512_i32gather_epi32(_mm512_srli_epi32(bits, 16), fb.entry, 4);
+  const __m512i entry = entries(fb, bits);
   const __m512i code = _mm512_and_si512(entry, _mm512_set1_epi32(0xFF));
   const __m512i rank = _mm512_and_si512(_mm512_xor_si512(bits, _mm512_srai_epi32(bits, 31)), _mm512_set1_epi32(0xFFFF));
   const __mmask16 up = _mm512_cmpge_epu32_mask(rank, _mm512_srli_epi32(entry, 8));
@@ -160,7 +174,13 @@ inline void encode16(const float* x, int64_t n, float absmax, const FastCodebook
     const __mmask16 m = lanes(n - i);
     const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
     const __m512 y = divide ? _mm512_div_ps(v, s) : _mm512_mul_ps(v, s);
-    _mm512_mask_cvtepi32_storeu_epi8(codes + i, m, encode_lanes(fb, y));
+    // narrowed in a register, then stored (the masked narrowing store is slow on some CPUs)
+    const __m128i bytes = _mm512_cvtepi32_epi8(encode_lanes(fb, y));
+    if (m == 0xFFFF) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), bytes);
+    } else {
+      _mm_mask_storeu_epi8(codes + i, m, bytes);
+    }
   }
 }
 
