@@ -19,8 +19,11 @@ parameter element count each per-parameter state tensor once; the scalars ``step
 
 Workloads: ``single`` (one parameter of ``--numel`` elements, shaped ``[numel/1024, 1024]``),
 ``gpt2`` (GPT-2 small's 148 tensors, 124,439,808 elements; ``--scale`` shrinks every
-dimension for quick runs) and ``big`` (one ``[65536, 1024]`` parameter, 67,108,864 elements;
-``--big-numel`` shrinks it). ``all`` runs the three.
+dimension for quick runs), ``big`` (one ``[65536, 1024]`` parameter, 67,108,864 elements;
+``--big-numel`` shrinks it) and ``bf16`` (the single workload's parameter in bfloat16, every
+optimizer on the same bf16 parameters; torch keeps its AdamW state in bf16 then). ``all``
+runs the four. ``--plot PATH`` draws the throughput and state-memory figure of
+``docs/benchmarks.md`` from the same run (matplotlib, :mod:`distopt.bench_plot`).
 
 Extra tables, after the throughput tables, all from the same run:
 
@@ -70,7 +73,8 @@ ADAMW_BASELINE = "torch AdamW fused"
 SGD_BASELINES = ("torch SGD", "torch SGD foreach", "torch SGD fused")
 SGD_KWARGS = {"lr": 1e-2, "momentum": 0.9}
 _SCALAR_STATE = ("step", "nonfinite_count")
-WORKLOADS = ("single", "gpt2", "big")
+WORKLOADS = ("single", "gpt2", "big", "bf16")
+WORKLOAD_DTYPES = {"bf16": torch.bfloat16}  # every other workload is fp32
 BIG_NUMEL = 65536 * 1024
 PROBE_BYTES_PER_ELEMENT = 12  # a.add_(b, alpha=s) on fp32: read a, b; write a
 CLIP_PERCENTILE = 95
@@ -182,7 +186,7 @@ def gpt2_shapes(scale: float = 1.0) -> list[Shape]:
 
 
 def workload_shapes(workload: str, numel: int, scale: float, big_numel: int = BIG_NUMEL) -> list[Shape]:
-    if workload == "single":
+    if workload in ("single", "bf16"):
         return [(max(1, numel // 1024), 1024)]
     if workload == "gpt2":
         return gpt2_shapes(scale)
@@ -261,12 +265,12 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     return sum(_nbytes(t) for t in seen.values())
 
 
-def make_params(shapes: Sequence[Shape], seed: int = 0) -> list[torch.Tensor]:
-    """Fresh fp32 parameters of ``shapes`` with gradients set, from ``seed``."""
+def make_params(shapes: Sequence[Shape], seed: int = 0, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """Fresh parameters of ``shapes`` and ``dtype`` with gradients set, from ``seed``."""
     gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+    params = [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in shapes]
     for p in params:
-        p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+        p.grad = (torch.randn(p.shape, generator=gen) * 1e-2).to(dtype)
     return params
 
 
@@ -281,9 +285,11 @@ def median_seconds(fn: Callable[[], object], steps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def measure(factory: Factory, shapes: Sequence[Shape], steps: int, warmup: int, seed: int = 0) -> tuple[float, int]:
-    """Median seconds per ``opt.step()`` and state bytes, on fresh fp32 parameters of ``shapes``."""
-    params = make_params(shapes, seed)
+def measure(
+    factory: Factory, shapes: Sequence[Shape], steps: int, warmup: int, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> tuple[float, int]:
+    """Median seconds per ``opt.step()`` and state bytes, on fresh parameters of ``shapes``."""
+    params = make_params(shapes, seed, dtype)
     opt = factory(params)
     try:
         return median_seconds(opt.step, steps, warmup), state_bytes(opt)
@@ -299,7 +305,8 @@ def measure_row(cand: Candidate, workload: str, shapes: Sequence[Shape], args: a
     if cand.factory is None:
         return row
     try:
-        seconds, nbytes = measure(cand.factory, shapes, args.steps, args.warmup)
+        dtype = WORKLOAD_DTYPES.get(workload, torch.float32)
+        seconds, nbytes = measure(cand.factory, shapes, args.steps, args.warmup, dtype=dtype)
     except Exception as err:
         if cand.name.startswith("distopt"):
             raise  # distopt's own optimizers must run; a failure here is a bug to see
@@ -344,11 +351,13 @@ def measure_probe(workload: str, numel: int, steps: int, warmup: int) -> Probe:
 
 
 def bandwidth(rows: list[Row], probe: Probe) -> list[Bandwidth]:
-    """Bytes moved per second by each measured distopt row (fp32 params: 12 B + 2 x state bytes)."""
+    """Bytes moved per second by each measured distopt row: read p and g, write p (3 x the
+    parameter's element size), read and write every state byte once."""
     out = []
     for r in rows:
         if r.name.startswith("distopt") and r.elements_per_s and r.state_bytes_per_param is not None:
-            per_elem = 3 * 4 + 2 * r.state_bytes_per_param
+            param_bytes = WORKLOAD_DTYPES.get(r.workload, torch.float32).itemsize
+            per_elem = 3 * param_bytes + 2 * r.state_bytes_per_param
             gbps = per_elem * r.elements_per_s / 1e9
             out.append(Bandwidth(r.name, r.workload, r.numel, per_elem, gbps, probe.gb_per_s,
                                  100 * gbps / probe.gb_per_s))  # fmt: skip
@@ -357,9 +366,11 @@ def bandwidth(rows: list[Row], probe: Probe) -> list[Bandwidth]:
 
 def measure_clipping(workload: str, shapes: Sequence[Shape], args: argparse.Namespace) -> Clipping:
     """AdamW8bit with ``percentile_clipping=95`` against without, on the same parameters."""
-    without, _ = measure(lambda ps: distopt.AdamW8bit(ps), shapes, args.steps, args.warmup)
+    dtype = WORKLOAD_DTYPES.get(workload, torch.float32)
+    without, _ = measure(lambda ps: distopt.AdamW8bit(ps), shapes, args.steps, args.warmup, dtype=dtype)
     with_, _ = measure(
-        lambda ps: distopt.AdamW8bit(ps, percentile_clipping=CLIP_PERCENTILE), shapes, args.steps, args.warmup
+        lambda ps: distopt.AdamW8bit(ps, percentile_clipping=CLIP_PERCENTILE), shapes, args.steps, args.warmup,
+        dtype=dtype,
     )
     numel = sum(math.prod(s) for s in shapes)
     return Clipping(workload, numel, CLIP_PERCENTILE, without * 1e3, with_ * 1e3, with_ / without)
@@ -461,7 +472,8 @@ def print_table(
     workload: str, shapes: Sequence[Shape], rows: list[Row], baselines: dict[str, str], args: argparse.Namespace
 ) -> None:
     numel = sum(math.prod(s) for s in shapes)
-    print(f"\n== workload {workload}: {len(shapes)} fp32 tensor(s), {numel:,} elements; "
+    dtype = str(WORKLOAD_DTYPES.get(workload, torch.float32)).removeprefix("torch.")
+    print(f"\n== workload {workload}: {len(shapes)} {dtype} tensor(s), {numel:,} elements; "
           f"median of {args.steps} timed steps after {args.warmup} warm-up ==")  # fmt: skip
     print(f"ratio = throughput / baseline throughput, both measured in this run (> 1: faster). "
           f"AdamW rows vs {baselines['adamw']}; SGD rows vs {baselines['sgd']} "
@@ -533,6 +545,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (state, kernel build, compile)")
     parser.add_argument("--optimizers", default="", help="comma list of names to run (torch baselines always run)")
     parser.add_argument("--json", default="", metavar="PATH", help="also write the results to PATH")
+    parser.add_argument("--plot", default="", metavar="PATH", help="also draw the results (PNG) to PATH")
     parser.add_argument(
         "--extras", action="store_true", help="also clipping cost, thread scaling and step memory (slower)"
     )
@@ -579,6 +592,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2, allow_nan=False)
+    if args.plot:
+        from . import bench_plot
+
+        bench_plot.plot(result, args.plot)
     return result
 
 

@@ -160,3 +160,21 @@ def test_extras_are_none_without_the_flag(capsys):
     assert out["clipping"] is None and out["thread_scaling"] is None and out["step_memory"] is None
     assert [b["name"] for b in out["bandwidth"]] == ["distopt SGD8bit"]
     assert "bandwidth" in capsys.readouterr().out
+
+
+def test_bf16_workload_steps_bf16_parameters_against_torch_on_the_same_dtype(report):
+    rows = rows_of(report, "bf16")
+    assert rows["torch AdamW fused"]["state_bytes_per_param"] == pytest.approx(4.0)  # torch: state in bf16
+    assert rows["distopt AdamW8bit"]["state_bytes_per_param"] == pytest.approx(2 + 2 * 4 / 256)
+    assert rows["distopt AdamW32bit"]["state_bytes_per_param"] == pytest.approx(8.0)  # fp32 state kept
+    assert rows["distopt AdamW8bit"]["ratio_vs_baseline"] > 0
+    bw = {b["name"]: b for b in report[0]["bandwidth"] if b["workload"] == "bf16"}
+    assert bw["distopt AdamW8bit"]["bytes_per_element"] == pytest.approx(3 * 2 + 2 * (2 + 2 * 4 / 256))
+
+
+def test_plot_draws_a_png_from_the_json_results(report, tmp_path):
+    from distopt import bench_plot
+
+    path = tmp_path / "bench.png"
+    bench_plot.plot(report[1], str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
