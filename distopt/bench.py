@@ -286,7 +286,12 @@ def median_seconds(fn: Callable[[], object], steps: int, warmup: int) -> float:
 
 
 def measure(
-    factory: Factory, shapes: Sequence[Shape], steps: int, warmup: int, seed: int = 0, dtype: torch.dtype = torch.float32
+    factory: Factory,
+    shapes: Sequence[Shape],
+    steps: int,
+    warmup: int,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[float, int]:
     """Median seconds per ``opt.step()`` and state bytes, on fresh parameters of ``shapes``."""
     params = make_params(shapes, seed, dtype)
@@ -369,7 +374,10 @@ def measure_clipping(workload: str, shapes: Sequence[Shape], args: argparse.Name
     dtype = WORKLOAD_DTYPES.get(workload, torch.float32)
     without, _ = measure(lambda ps: distopt.AdamW8bit(ps), shapes, args.steps, args.warmup, dtype=dtype)
     with_, _ = measure(
-        lambda ps: distopt.AdamW8bit(ps, percentile_clipping=CLIP_PERCENTILE), shapes, args.steps, args.warmup,
+        lambda ps: distopt.AdamW8bit(ps, percentile_clipping=CLIP_PERCENTILE),
+        shapes,
+        args.steps,
+        args.warmup,
         dtype=dtype,
     )
     numel = sum(math.prod(s) for s in shapes)
