@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -36,6 +36,12 @@ from .quant import (
     row_length,
     tensor_absmax,
 )
+
+
+def _values(coeffs: AdamWCoeffs | SGDCoeffs) -> tuple:
+    """A coefficient dataclass's fields in declaration order: the op's trailing scalar
+    arguments (``dataclasses.astuple`` deep-copies each field, ~45 us a call)."""
+    return tuple(coeffs.__dict__.values())
 
 
 @dataclass(frozen=True)
@@ -277,7 +283,7 @@ def adamw_update(
         if not fused:
             return _reference_32bit(param, grad, states, scale, count, _adamw_math, c)
         vmax = states[2] if len(states) == 3 else None
-        return _ops.ops().adamw32_(param, grad, states[0], states[1], vmax, scale, count, *astuple(c))
+        return _ops.ops().adamw32_(param, grad, states[0], states[1], vmax, scale, count, *_values(c))
     qstates = _adamw_qstates(state, param.device)
     if not fused:
         return _reference_8bit(param, grad, qstates, scale, count, _adamw_math, c, new_absmax)
@@ -285,7 +291,7 @@ def adamw_update(
     if flat[1].dim() == 1 and new_absmax is None:
         new_absmax = adamw_new_absmax(param, grad, state, c, gnorm_scale, fused=True)
     maps = (qmap(True, param.device), qmap(False, param.device))
-    _ops.ops().adamw8bit_(param, grad, *flat, *maps, new_absmax, scale, count, *astuple(c))
+    _ops.ops().adamw8bit_(param, grad, *flat, *maps, new_absmax, scale, count, *_values(c))
 
 
 def adamw_new_absmax(param, grad, state: dict, c: AdamWCoeffs, gnorm_scale=None, *, fused: bool) -> torch.Tensor:
@@ -295,7 +301,7 @@ def adamw_new_absmax(param, grad, state: dict, c: AdamWCoeffs, gnorm_scale=None,
     if not fused:
         return _reference_new_absmax(param, grad, qstates, scale, _adamw_math, c)
     maps = (qmap(True, param.device), qmap(False, param.device))
-    return _ops.ops().adamw8bit_new_absmax(param, grad, *_flat_adamw(qstates), *maps, scale, *astuple(c))
+    return _ops.ops().adamw8bit_new_absmax(param, grad, *_flat_adamw(qstates), *maps, scale, *_values(c))
 
 
 def sgd_update(
@@ -316,14 +322,14 @@ def sgd_update(
         if not fused:
             return _reference_32bit(param, grad, states, scale, count, _sgd_math, c)
         buf = states[0] if states else None
-        return _ops.ops().sgd32_(param, grad, buf, scale, count, *astuple(c))
+        return _ops.ops().sgd32_(param, grad, buf, scale, count, *_values(c))
     qstates = _qstates(state, ("momentum_buffer",), param.device)
     if not fused:
         return _reference_8bit(param, grad, qstates, scale, count, _sgd_math, c, new_absmax)
     codes, absmax, signed = qstates[0]
     if absmax.dim() == 1 and new_absmax is None:
         new_absmax = sgd_new_absmax(param, grad, state, c, gnorm_scale, fused=True)
-    _ops.ops().sgd8bit_(param, grad, codes, absmax, signed, new_absmax, scale, count, *astuple(c))
+    _ops.ops().sgd8bit_(param, grad, codes, absmax, signed, new_absmax, scale, count, *_values(c))
 
 
 def sgd_new_absmax(param, grad, state: dict, c: SGDCoeffs, gnorm_scale=None, *, fused: bool) -> torch.Tensor:
@@ -333,7 +339,7 @@ def sgd_new_absmax(param, grad, state: dict, c: SGDCoeffs, gnorm_scale=None, *, 
     if not fused:
         return _reference_new_absmax(param, grad, qstates, scale, _sgd_math, c)
     codes, absmax, signed = qstates[0]
-    return _ops.ops().sgd8bit_new_absmax(param, grad, codes, absmax, signed, scale, *astuple(c))
+    return _ops.ops().sgd8bit_new_absmax(param, grad, codes, absmax, signed, scale, *_values(c))
 
 
 # --- percentile clipping -------------------------------------------------------------
