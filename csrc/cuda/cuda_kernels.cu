@@ -4,7 +4,8 @@
 // Built with --fmad=false (distopt/_build.py): no multiply-add is contracted, and with
 // IEEE division and square root (nvcc's defaults) each element takes the operations
 // the CPU kernels take. Grids are persistent (a few blocks per SM, grid-stride loops),
-// launched on the given stream; no launcher synchronizes.
+// launched on the given stream; no launcher synchronizes. Arguments are __grid_constant__:
+// the bodies index their arrays (a launch's tensor table) without a per-thread copy.
 #include "kernels.h"
 
 #include <c10/cuda/CUDAException.h>
@@ -28,7 +29,8 @@ int64_t grid_for(int64_t work) {
 }
 
 template <int NS, typename P, typename Rule>
-__global__ void __launch_bounds__(kThreads) blockwise8bit_kernel(Block8bitArgs<P> a, Rule rule) {
+__global__ void __launch_bounds__(kThreads)
+    blockwise8bit_kernel(const __grid_constant__ Block8bitArgs<P> a, const Rule rule) {
   __shared__ Block8bitShared sh;
   blockwise8bit_body<NS>(DeviceExec{}, a, rule, sh);
 }
@@ -51,7 +53,7 @@ void launch_8bit(const Block8bitArgs<P>& a, const Rule& rule, cudaStream_t strea
 }
 
 template <int NS, typename P, typename C>
-__global__ void __launch_bounds__(kThreads) multi32_kernel(Multi32bitArgs<P, C> a) {
+__global__ void __launch_bounds__(kThreads) multi32_kernel(const __grid_constant__ Multi32bitArgs<P, C> a) {
   multi32_body<NS>(DeviceExec{}, a);
 }
 
