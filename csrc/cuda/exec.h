@@ -38,7 +38,9 @@ struct DeviceExec {
   }
   // For non-negative floats (absolute values) the int order is the float order: exact and
   // independent of the order the blocks finish in.
-  __device__ static void max_nonnegative(float* at, float v) { atomicMax(reinterpret_cast<int*>(at), __float_as_int(v)); }
+  __device__ static void max_nonnegative(float* at, float v) {
+    atomicMax(reinterpret_cast<int*>(at), __float_as_int(v));
+  }
 };
 #else
 #define DISTOPT_BODY inline

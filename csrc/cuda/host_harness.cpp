@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -56,7 +57,8 @@ SGDCoeffs sgd_coeffs(at::ArrayRef<double> k, size_t j = 0) {
 
 template <int NS, typename P, typename Rule>
 void run_8bit(const Block8bitArgs<P>& a, const Rule& rule, int64_t grid) {
-  run_grid<Block8bitShared>(grid, [&](const HostExec& x, Block8bitShared& sh) { blockwise8bit_body<NS>(x, a, rule, sh); });
+  run_grid<Block8bitShared>(grid,
+                            [&](const HostExec& x, Block8bitShared& sh) { blockwise8bit_body<NS>(x, a, rule, sh); });
 }
 
 Tensor blockwise8bit(Tensor param, const Tensor& grad, at::TensorList codes, at::TensorList absmax,
@@ -158,7 +160,8 @@ Tensor row_sumsq(const Tensor& grad, int64_t grid) {
 std::tuple<Tensor, Tensor> quantize_blockwise(const Tensor& x, const Tensor& qmap, bool block_wise, int64_t grid) {
   const int64_t rows = rows_of(x), length = row_length_of(x);
   Tensor codes = at::empty(x.sizes(), x.options().dtype(at::kByte));
-  Tensor absmax = block_wise ? at::zeros({rows, ceil_div(length, kBlockSize)}, x.options()) : at::zeros({1}, x.options());
+  const int64_t per_row = ceil_div(length, kBlockSize);
+  Tensor absmax = block_wise ? at::zeros({rows, per_row}, x.options()) : at::zeros({1}, x.options());
   QuantizeArgs a{x.data_ptr<float>(), rows,   length, block_wise, qmap.data_ptr<float>(), codes.data_ptr<uint8_t>(),
                  absmax.data_ptr<float>(), nullptr};
   auto run = [&](const QuantizeArgs& args) {
