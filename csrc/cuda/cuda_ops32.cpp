@@ -33,10 +33,13 @@ std::vector<Tensor> states_of(const std::vector<at::TensorList>& lists, size_t j
   return out;
 }
 
-void check_lists(const at::TensorList& params, const std::vector<at::TensorList>& lists, size_t ncoeffs,
-                 size_t coeffs_per_tensor) {
-  for (const auto& l : lists)
-    TORCH_CHECK(l.empty() || l.size() == params.size(), "distopt: every tensor list needs one entry per parameter");
+// `required` lists need one tensor per parameter; `optional` ones too, or none (no such state).
+void check_lists(const at::TensorList& params, const std::vector<at::TensorList>& required,
+                 const std::vector<at::TensorList>& optional, size_t ncoeffs, size_t coeffs_per_tensor) {
+  for (const auto& l : required)
+    TORCH_CHECK(l.size() == params.size(), "distopt: every tensor list needs one entry per parameter");
+  for (const auto& l : optional)
+    TORCH_CHECK(l.empty() || l.size() == params.size(), "distopt: a state list needs one entry per parameter or none");
   TORCH_CHECK(ncoeffs == coeffs_per_tensor * params.size(), "distopt: coeffs needs ", coeffs_per_tensor,
               " values per parameter");
   for (const auto& p : params) {
@@ -49,8 +52,7 @@ void adamw32_multi_op(at::TensorList params, at::TensorList grads, at::TensorLis
                       at::TensorList vmax, at::TensorList gnorm_scales, at::TensorList counts,
                       at::ArrayRef<double> coeffs) {
   if (params.empty()) return;
-  check_lists(params, {grads, m, v, vmax, gnorm_scales, counts}, coeffs.size(), 7);
-  TORCH_CHECK(!m.empty() && !v.empty(), "distopt: adamw32_multi_ needs exp_avgs and exp_avg_sqs");
+  check_lists(params, {grads, m, v, gnorm_scales, counts}, {vmax}, coeffs.size(), 7);
   const c10::cuda::CUDAGuard guard(params[0].device());
   const int nstates = vmax.empty() ? 2 : 3;
   dispatch_dtype(params[0], "adamw32_multi_", [&](auto tag) {
@@ -69,7 +71,7 @@ void adamw32_multi_op(at::TensorList params, at::TensorList grads, at::TensorLis
 void sgd32_multi_op(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::TensorList gnorm_scales,
                     at::TensorList counts, at::ArrayRef<double> coeffs) {
   if (params.empty()) return;
-  check_lists(params, {grads, bufs, gnorm_scales, counts}, coeffs.size(), 6);
+  check_lists(params, {grads, gnorm_scales, counts}, {bufs}, coeffs.size(), 6);
   const c10::cuda::CUDAGuard guard(params[0].device());
   dispatch_dtype(params[0], "sgd32_multi_", [&](auto tag) {
     using P = decltype(tag);
