@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distopt import _ops, functional
+from distopt import _ops, functional, quant
 from tests.conftest import backend
 from tests.registry import CASES, DTYPES, SHAPES, make_grads, make_params, state_tensors
 
@@ -69,15 +69,18 @@ def test_cuda_steps_match_the_cpu_reference(case, dtype):
                 assert torch.equal(a, b), key
 
 
-def test_ops_run_on_the_current_stream_without_synchronizing():
+def test_ops_run_on_the_current_stream():
     assert _ops.available(torch.device("cuda"))
-    p, g = torch.randn(64, 1000, device="cuda"), torch.randn(64, 1000, device="cuda")
+    g = torch.randn(64, 1000, device="cuda")
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         rows = functional.row_sumsq(g, fused=True)
-    stream.synchronize()
+        codes, absmax = _ops.ops().quantize_blockwise(g, quant.qmap(True, g.device), True)
+    torch.cuda.current_stream().wait_stream(stream)
     torch.testing.assert_close(rows, functional.row_sumsq(g, fused=False), rtol=1e-12, atol=0)
-    assert p.is_cuda
+    ref_codes, ref_absmax = quant.quantize_blockwise(g.cpu(), quant.qmap(True), True)
+    assert torch.equal(codes.cpu(), ref_codes) and torch.equal(absmax.cpu(), ref_absmax)
 
 
 def test_managed_memory_is_a_cuda_tensor_that_prefetches_both_ways():
