@@ -118,3 +118,13 @@ def test_cuda_sources_are_built_only_with_a_cuda_torch_and_a_toolkit(monkeypatch
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "nvcc").touch()
     assert _build.cuda_home() == str(tmp_path)
+
+
+def test_a_cuda_torch_without_a_toolkit_builds_the_cpu_kernels_and_says_so(monkeypatch, kernels_built):
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(_build, "cuda_home", lambda: None)
+    monkeypatch.setattr(_build, "_state", {})
+    with pytest.warns(RuntimeWarning, match="no CUDA toolkit was found"):
+        assert _build.load()
+    assert not _build.cuda_loaded()
+    assert not distopt._ops.available(torch.device("cuda"))
