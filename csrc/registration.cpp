@@ -41,7 +41,20 @@ TORCH_LIBRARY(distopt, m) {
       "Tensor momentum_buffer_absmax, Tensor signed_qmap, Tensor gnorm_scale, float lr, "
       "float weight_decay, float momentum, float dampening_weight, bool nesterov, "
       "bool first_step) -> Tensor");
+  // 32-bit updates of many parameters in few launches (CUDA): per-parameter lists (an
+  // empty list: no such state) and `coeffs`, the scalars above per parameter, flattened
+  // (7 for AdamW; 6 for SGD, nesterov and first_step as 0/1).
+  m.def(
+      "adamw32_multi_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor[] gnorm_scales, Tensor(e!)[] nonfinite_counts, float[] coeffs) -> ()");
+  m.def(
+      "sgd32_multi_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor[] gnorm_scales, "
+      "Tensor(c!)[] nonfinite_counts, float[] coeffs) -> ()");
   m.def("row_sumsq(Tensor grad) -> Tensor");
   m.def("quantize_blockwise(Tensor x, Tensor qmap, bool block_wise) -> (Tensor, Tensor)");
   m.def("dequantize_blockwise(Tensor codes, Tensor absmax, Tensor qmap) -> Tensor");
+  // CUDA unified memory for paged state: a tensor on cuda:<device> owning managed memory,
+  // and an asynchronous prefetch of its bytes to a GPU (device >= 0) or the host (-1).
+  m.def("managed_empty(int[] size, ScalarType dtype, int device) -> Tensor");
+  m.def("managed_prefetch_(Tensor(a!) t, int device) -> ()");
 }

@@ -9,6 +9,13 @@ or DEFAULT), so a cache shared between machines never runs instructions a CPU la
 If no compiler (or ninja) is available, :func:`load` returns False after saying so
 once, and distopt runs on its pure-PyTorch reference path.
 
+CUDA (docs/cuda.md): when torch has CUDA (``torch.version.cuda``) and a CUDA toolkit is
+found (``CUDA_HOME``, else ``/usr/local/cuda``; never the ``nvcc`` wrapper on PATH), the
+one library also holds ``csrc/cuda/`` and is cached as ``distopt_C_<capability>_cuda``
+(``registration.cpp``'s single ``TORCH_LIBRARY`` must be loaded once). It is built for
+``TORCH_CUDA_ARCH_LIST`` (default ``8.0;9.0+PTX``) with ``--fmad=false``. Without a
+toolkit, or when the CUDA build fails, the CPU-only library is built, with a warning.
+
 Flags that the invariants need (DESIGN §3.1, §6): ``-ffp-contract=off`` and no
 ``-ffast-math`` (every element takes the same IEEE operations in vector and scalar
 code), ``-fopenmp`` at compile and link time (``at::parallel_for`` is serial without it).
@@ -69,36 +76,126 @@ def cflags(capability: str) -> list[str]:
     return ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", *_CAPABILITY_FLAGS[capability]]
 
 
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+
+def cuda_home() -> str | None:
+    """The CUDA toolkit to build with when torch has CUDA: ``CUDA_HOME``/``CUDA_PATH``, else
+    ``/usr/local/cuda``; None when torch is a CPU build or no ``bin/nvcc`` is there."""
+    if not torch.version.cuda:
+        return None
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return home
+    return None
+
+
+def cuda_arch_flags(arch_list: str | None = None) -> list[str]:
+    """nvcc ``-gencode`` flags for ``TORCH_CUDA_ARCH_LIST`` (``8.0;9.0``, ``+PTX`` adds PTX)."""
+    arch_list = arch_list or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCHS
+    flags = []
+    for arch in arch_list.replace(" ", ";").split(";"):
+        if not arch:
+            continue
+        num = arch.removesuffix("+PTX").replace(".", "")
+        if not num.isalnum():
+            raise ValueError(f"TORCH_CUDA_ARCH_LIST: cannot read {arch!r}")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if arch.endswith("+PTX"):
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    return flags
+
+
+def cuda_sources() -> list[str]:
+    root = csrc_dir() / "cuda"
+    return sorted(str(p) for p in [*root.glob("*.cu"), *root.glob("*.cpp")] if p.name != "host_harness.cpp")
+
+
+def cuda_library_headers() -> list[str]:
+    """Where the CUDA library headers torch's CUDA headers include (cusparse.h, cublas_v2.h)
+    are when the toolkit lacks them: the ``nvidia-*`` wheels torch was installed with."""
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return sorted(str(d) for root in spec.submodule_search_locations for d in Path(root).glob("*/include"))
+
+
+def cuda_cflags() -> list[str]:
+    # --fmad=false: no contracted multiply-adds, so each element takes the CPU's operations
+    return ["-O3", "--fmad=false", *cuda_arch_flags()]
+
+
+def _build(name: str, capability: str, cuda: str | None) -> None:
+    from torch.utils import cpp_extension
+
+    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    if not (build_dir / f"{name}.so").exists():
+        what = f"{capability} and CUDA" if cuda else capability
+        print(f"distopt: building the C++ kernels for {what} (first use only)...", file=sys.stderr)
+    sources = cpu_sources()
+    extra = {}
+    if cuda:
+        cpp_extension.CUDA_HOME = cuda  # read when torch locates nvcc, headers and libraries
+        sources = [*sources, *cuda_sources()]
+        extra = {"extra_cuda_cflags": cuda_cflags(), "with_cuda": True}
+    # searched after the toolkit's own headers: they only fill in the libraries' headers
+    after = [f"-idirafter{d}" for d in cuda_library_headers()] if cuda else []
+    cpp_extension.load(
+        name=name,
+        sources=sources,
+        extra_cflags=[*cflags(capability), *after],
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=False,
+        **extra,
+    )
+
+
+def cuda_loaded() -> bool:
+    """Whether the loaded library holds the CUDA kernels (call :func:`load` first)."""
+    return bool(_state.get("cuda"))
+
+
 def load() -> bool:
     """Build (once) and load the C++ kernels; False if they cannot be built here."""
     if "loaded" in _state:
         return bool(_state["loaded"])
     _state["loaded"] = False
     capability = cpu_capability()  # a bad DISTOPT_CPU_CAPABILITY is the user's error: raise it
-    try:
-        from torch.utils import cpp_extension
-
-        name = f"distopt_C_{capability.lower()}"
-        build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
-        if not (build_dir / f"{name}.so").exists():
-            print(f"distopt: building the C++ kernels for {capability} (first use only)...", file=sys.stderr)
-        cpp_extension.load(
-            name=name,
-            sources=cpu_sources(),
-            extra_cflags=cflags(capability),
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
+    name = f"distopt_C_{capability.lower()}"
+    cuda = cuda_home()
+    if torch.version.cuda and cuda is None:
+        warnings.warn(
+            "distopt: torch has CUDA but no CUDA toolkit was found (set CUDA_HOME); building the CPU kernels only.",
+            RuntimeWarning,
+            stacklevel=2,
         )
+    try:
+        if cuda:
+            try:
+                _build(f"{name}_cuda", capability, cuda)
+                _state["cuda"] = True
+            except Exception as err:  # a broken toolkit must not cost the CPU kernels
+                warnings.warn(
+                    f"distopt: the CUDA kernels could not be built ({type(err).__name__}: {_first_line(err)}); "
+                    "building the CPU kernels only.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        if not _state.get("cuda"):
+            _build(name, capability, None)
         _state["loaded"] = True
         _state["capability"] = capability
     except Exception as err:  # no compiler, no ninja, a failed build: the reference path still works
-        lines = [line for line in str(err).splitlines() if line.strip()]
-        reason = lines[0][:200] if lines else ""
         warnings.warn(
-            f"distopt: the C++ kernels could not be built ({type(err).__name__}: {reason}); "
+            f"distopt: the C++ kernels could not be built ({type(err).__name__}: {_first_line(err)}); "
             "using the pure-PyTorch reference path (slower, same results within rounding).",
             RuntimeWarning,
             stacklevel=2,
         )
     return bool(_state["loaded"])
+
+
+def _first_line(err: Exception) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return lines[0][:200] if lines else ""

@@ -2,6 +2,8 @@
 
 Each op's schema is in ``csrc/registration.cpp``; fake (meta) implementations here let
 the ops run under ``torch.compile``/FakeTensor and pass ``torch.library.opcheck``.
+The dispatcher picks each op's CPU or CUDA kernel from its tensors' device; CUDA kernels
+exist when the library was built with them (``_build.cuda_loaded``, docs/cuda.md).
 """
 
 from __future__ import annotations
@@ -15,12 +17,44 @@ _fakes_registered = False
 
 def available(device: torch.device) -> bool:
     """Whether fused kernels exist for tensors on ``device`` (built on first call)."""
-    if device.type != "cpu":
+    if device.type not in ("cpu", "cuda"):
         return False
     if not _build.load():
         return False
+    if device.type == "cuda" and not (_build.cuda_loaded() and torch.cuda.is_available()):
+        return False
     _register_fakes()
     return True
+
+
+def _need_cuda(op: str) -> None:
+    if not (_build.load() and _build.cuda_loaded()):
+        raise RuntimeError(f"distopt: {op} needs distopt's CUDA kernels, which are not built here (docs/cuda.md)")
+
+
+def managed_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialized tensor in CUDA unified memory (``cudaMallocManaged``) on ``device``
+    (a CUDA device); its memory is freed (``cudaFree``) when its storage dies."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"distopt: managed memory is for CUDA devices, not {device}")
+    _need_cuda("managed_empty")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.ops.distopt.managed_empty(list(shape), dtype, index)
+
+
+def managed_prefetch(t: torch.Tensor, device: torch.device) -> None:
+    """Prefetch managed tensor ``t``'s bytes to ``device`` (a CUDA device, or ``cpu`` for
+    the host), asynchronously on the current stream (``cudaMemPrefetchAsync``)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        index = -1
+    elif device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    else:
+        raise ValueError(f"distopt: managed memory prefetches to a CUDA device or the CPU, not {device}")
+    _need_cuda("managed_prefetch")
+    torch.ops.distopt.managed_prefetch_(t, index)
 
 
 def ops():
@@ -37,7 +71,7 @@ def _register_fakes() -> None:
     def nothing(*args, **kwargs) -> None:
         return None
 
-    for name in ("adamw32_", "adamw8bit_", "sgd32_", "sgd8bit_"):
+    for name in ("adamw32_", "adamw8bit_", "sgd32_", "sgd8bit_", "adamw32_multi_", "sgd32_multi_", "managed_prefetch_"):
         torch.library.register_fake(f"distopt::{name}")(nothing)
 
     @torch.library.register_fake("distopt::adamw8bit_new_absmax")
@@ -58,6 +92,10 @@ def _register_fakes() -> None:
         from .quant import absmax_shape
 
         return x.new_empty(x.shape, dtype=torch.uint8), x.new_empty(absmax_shape(x.shape, block_wise))
+
+    @torch.library.register_fake("distopt::managed_empty")
+    def _(size, dtype, device):
+        return torch.empty(size, dtype=dtype, device=torch.device("cuda", device))
 
     @torch.library.register_fake("distopt::dequantize_blockwise")
     def _(codes, absmax, qmap):

@@ -565,7 +565,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, print the tables; return ``{"environment", "rows", "probes", "bandwidth",
-    "clipping", "thread_scaling", "step_memory"}`` (the last three None without ``--extras``)."""
+    "clipping", "thread_scaling", "step_memory"}`` (the last three None without ``--extras``).
+    ``--device cuda`` first: the GPU benchmark instead (distopt.bench_cuda)."""
+    if (sys.argv[1:] if argv is None else argv)[:2] == ["--device", "cuda"]:
+        from . import bench_cuda
+
+        return bench_cuda.main((sys.argv[1:] if argv is None else argv)[2:])
     args = parse_args(argv)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)

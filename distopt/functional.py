@@ -342,6 +342,32 @@ def sgd_new_absmax(param, grad, state: dict, c: SGDCoeffs, gnorm_scale=None, *, 
     return _ops.ops().sgd8bit_new_absmax(param, grad, codes, absmax, signed, scale, *_values(c))
 
 
+# [Note: many parameters per launch] On CUDA the 32-bit updates of a group of parameters
+# (one device, dtype and set of state slots) take the *_multi_ ops: a few launches for
+# all of them, each parameter with its own coefficients, gnorm scale and skip counter.
+# The per-element math is that of adamw32_/sgd32_, so the results are the same.
+
+
+def adamw32_multi_update(params, grads, states, coeffs, gnorm_scales) -> None:
+    """One fused AdamW step of many parameters with 32-bit state (CUDA), in place."""
+    names = _adamw_names(states[0])
+    exp_avg, exp_avg_sq = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+    vmax = [s["max_exp_avg_sq"] for s in states] if len(names) == 3 else []
+    scales = [_scale_or_one(g, p.device) for p, g in zip(params, gnorm_scales)]
+    counts = [s["nonfinite_count"] for s in states]
+    flat = [float(x) for c in coeffs for x in astuple(c)]
+    _ops.ops().adamw32_multi_(params, grads, exp_avg, exp_avg_sq, vmax, scales, counts, flat)
+
+
+def sgd32_multi_update(params, grads, states, coeffs, gnorm_scales) -> None:
+    """One fused SGD step of many parameters with 32-bit (or no) state (CUDA), in place."""
+    bufs = [s["momentum_buffer"] for s in states] if "momentum_buffer" in states[0] else []
+    scales = [_scale_or_one(g, p.device) for p, g in zip(params, gnorm_scales)]
+    counts = [s["nonfinite_count"] for s in states]
+    flat = [float(x) for c in coeffs for x in astuple(c)]
+    _ops.ops().sgd32_multi_(params, grads, bufs, scales, counts, flat)
+
+
 # --- percentile clipping -------------------------------------------------------------
 
 HISTORY = 100

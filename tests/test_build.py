@@ -88,3 +88,43 @@ def test_a_bad_capability_request_is_an_error_not_a_silent_fallback(monkeypatch)
     monkeypatch.setattr(_build, "_state", {})
     with pytest.raises(ValueError, match="DISTOPT_CPU_CAPABILITY"):
         _build.load()
+
+
+def test_cuda_arch_list_becomes_explicit_gencode_flags(monkeypatch):
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    assert _build.cuda_arch_flags() == [
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90,code=compute_90",
+    ]
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0 9.0")
+    assert _build.cuda_arch_flags() == ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+    assert "--fmad=false" in _build.cuda_cflags()
+    with pytest.raises(ValueError, match="TORCH_CUDA_ARCH_LIST"):
+        _build.cuda_arch_flags("8.0;sm-90")
+
+
+def test_cuda_sources_are_built_only_with_a_cuda_torch_and_a_toolkit(monkeypatch, tmp_path):
+    names = {Path(p).name for p in _build.cuda_sources()}
+    assert "cuda_kernels.cu" in names and "host_harness.cpp" not in names
+    assert not names & {Path(p).name for p in _build.cpu_sources()}  # ninja names objects by file name
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert _build.cuda_home() is None
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))  # no bin/nvcc there
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    expected = "/usr/local/cuda" if Path("/usr/local/cuda/bin/nvcc").exists() else None
+    assert _build.cuda_home() == expected
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").touch()
+    assert _build.cuda_home() == str(tmp_path)
+
+
+def test_a_cuda_torch_without_a_toolkit_builds_the_cpu_kernels_and_says_so(monkeypatch, kernels_built):
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(_build, "cuda_home", lambda: None)
+    monkeypatch.setattr(_build, "_state", {})
+    with pytest.warns(RuntimeWarning, match="no CUDA toolkit was found"):
+        assert _build.load()
+    assert not _build.cuda_loaded()
+    assert not distopt._ops.available(torch.device("cuda"))

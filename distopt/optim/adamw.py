@@ -115,6 +115,7 @@ class AdamW(QuantizedOptimizer):
     required_slots = ("exp_avg", "exp_avg_sq")
     update_fn = staticmethod(F.adamw_update)
     new_absmax_fn = staticmethod(F.adamw_new_absmax)
+    update_multi_fn = staticmethod(F.adamw32_multi_update)
 
     def coefficients(self, s) -> F.AdamWCoeffs:
         g = s.group

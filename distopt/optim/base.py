@@ -122,6 +122,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
     """``distopt.functional`` update of one parameter (e.g. ``adamw_update``)."""
     new_absmax_fn = None
     """The matching first pass for per-tensor absmax (e.g. ``adamw_new_absmax``)."""
+    update_multi_fn = None
+    """``distopt.functional`` update of many CUDA parameters with 32-bit state, or None."""
 
     def check_hyperparameters(self, group: Mapping[str, Any]) -> None:
         """Raise ValueError naming any invalid hyperparameter of ``group``."""
@@ -186,7 +188,10 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         stepping.set_gradient_scales(steps)
         stepping.set_tensor_absmax(steps, type(self).new_absmax_fn, self.coefficients)
         update = type(self).update_fn
-        for s in steps:
+        # CUDA, 32-bit state: many parameters per launch (functional's [Note: many parameters per
+        # launch]); paged state is paged in and out around each parameter's own update instead
+        multi = None if self.is_paged else type(self).update_multi_fn
+        for s in stepping.update_in_few_launches(steps, multi, self.coefficients):
             update(
                 s.param, s.grad, s.state, self.coefficients(s), s.gnorm_scale, fused=s.fused, new_absmax=s.new_absmax
             )

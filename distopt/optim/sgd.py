@@ -102,6 +102,7 @@ class SGD(QuantizedOptimizer):
     all_slots = ("momentum_buffer",)
     update_fn = staticmethod(F.sgd_update)
     new_absmax_fn = staticmethod(F.sgd_new_absmax)
+    update_multi_fn = staticmethod(F.sgd32_multi_update)
 
     def coefficients(self, s) -> F.SGDCoeffs:
         g = s.group

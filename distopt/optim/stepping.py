@@ -159,3 +159,31 @@ def set_tensor_absmax(steps: list[ParamStep], new_absmax_fn, coefficients) -> No
     ]
     for s, v in zip(tensorwise, collectives.max_values(values, [s.shard for s in tensorwise])):
         s.new_absmax = v
+
+
+_NOT_SLOTS = ("step", "nonfinite_count", "gnorm_history")
+
+
+def update_in_few_launches(steps: list[ParamStep], multi_fn, coefficients) -> list[ParamStep]:
+    """Update the fused CUDA parameters with 32-bit state through ``multi_fn`` (a
+    ``functional.*_multi_update``), grouped by device, dtype and state slots, and write
+    them back; returns the steps left for the per-parameter update."""
+    groups: dict[tuple, list[ParamStep]] = {}
+    rest = []
+    for s in steps:
+        slots = tuple(sorted(k for k in s.state if k not in _NOT_SLOTS))
+        if multi_fn is None or not s.fused or s.param.device.type != "cuda" or any("_absmax" in k for k in slots):
+            rest.append(s)
+            continue
+        groups.setdefault((s.param.device, s.param.dtype, slots), []).append(s)
+    for group in groups.values():
+        multi_fn(
+            [s.param for s in group],
+            [s.grad for s in group],
+            [s.state for s in group],
+            [coefficients(s) for s in group],
+            [s.gnorm_scale for s in group],
+        )
+        for s in group:
+            s.write_back()
+    return rest

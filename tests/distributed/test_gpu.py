@@ -1,6 +1,6 @@
 """The main job on GPUs: FSDP2 over nccl (skipped, with that reason, where no CUDA device is present).
 
-Until distopt has CUDA kernels, CUDA tensors take the pure-PyTorch reference path.
+CUDA tensors take distopt's CUDA kernels where the library was built with them (docs/cuda.md).
 """
 
 from __future__ import annotations
