@@ -6,8 +6,12 @@ from __future__ import annotations
 import copy
 import errno
 import gc
+import json
 import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,22 +106,26 @@ def test_pages_are_released_after_each_update(tmp_path, monkeypatch):
     assert mapped_file_kib() - before > state_kib * 3 // 4  # without the release, it would be
 
 
-def test_step_reads_ahead_the_next_parameter_and_releases_each_after_its_update(tmp_path, monkeypatch):
+def test_step_maps_the_current_reads_ahead_the_next_and_releases_each_after_its_update(tmp_path, monkeypatch):
     params = make_params([(64, 256), (32, 300), (16, 256)])
     opt = distopt.PagedAdamW8bit(params, spill_dir=tmp_path, min_8bit_size=64)
     run_steps(opt, params, 1)
     events = []
     sizes = {p: {t.data_ptr() for t in slot_tensors_of(opt, p)} for p in params}
     owner = {ptr: i for i, p in enumerate(params) for ptr in sizes[p]}
-    monkeypatch.setattr(opt.pager, "prefetch", lambda ts, device: events.append(("ahead", owners(ts, owner))))
+    monkeypatch.setattr(
+        opt.pager,
+        "prefetch",
+        lambda now, ahead, device: events.append(("fetch", owners(now, owner), owners(ahead, owner))),
+    )
     monkeypatch.setattr(opt.pager, "release", lambda ts: events.append(("release", owners(ts, owner))))
     run_steps(opt, params, 1)
     assert events == [
-        ("ahead", [0, 1]),
+        ("fetch", [0], [1]),
         ("release", [0]),
-        ("ahead", [1, 2]),
+        ("fetch", [1], [2]),
         ("release", [1]),
-        ("ahead", [2]),
+        ("fetch", [2], []),
         ("release", [2]),
     ]
 
@@ -176,6 +184,17 @@ def test_checkpoint_round_trip_keeps_paged_state_bitwise(tmp_path):
     train(model, opt, range(3, 5))
     train(other, other_opt, range(3, 5))
     assert bitwise_equal(snapshot(other_opt, list(other.parameters())), snapshot(opt, list(model.parameters())))
+
+
+def test_benchmark_paged_resident_growth_is_under_a_quarter_of_the_state_and_bits_equal(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "launch" / "paging_bench.py"
+    argv = [sys.executable, str(script), "--state-mib", "256", "--steps", "3", "--spill-dir", str(tmp_path), "--json"]
+    result = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True, timeout=600).stdout)
+    assert result["bitwise_equal"]
+    assert result["paged"]["state_bytes"] == result["unpaged"]["state_bytes"] >= 255 << 20
+    assert result["unpaged"]["growth_over_state"] > 0.9  # the measurement sees unpaged state
+    assert result["paged"]["growth_over_state"] < 0.25
+    assert result["slowdown"] > 0 and os.listdir(tmp_path) == []
 
 
 # --- bad input ---------------------------------------------------------------------------------
@@ -271,9 +290,10 @@ def test_cuda_state_is_managed_memory_filled_and_prefetched_to_its_device(tmp_pa
     prefetched = []
     monkeypatch.setattr(_ops, "managed_prefetch", lambda x, d: prefetched.append((x, d)), raising=False)
     fake = FakeCuda()
-    pager.prefetch([fake], torch.device("cuda", 1))
+    ahead = FakeCuda()
+    pager.prefetch([fake], [ahead], torch.device("cuda", 1))
     pager.release([t])  # CUDA pages are the driver's: nothing happens, nothing fails
-    assert prefetched == [(fake, torch.device("cuda", 1))]
+    assert prefetched == [(fake, torch.device("cuda", 1)), (ahead, torch.device("cuda", 1))]
 
 
 def test_cuda_state_without_the_managed_ops_is_a_clear_error(tmp_path, monkeypatch):
@@ -302,3 +322,20 @@ def test_paged_state_on_cuda_is_managed_and_bitwise_equal_to_unpaged():
     fresh = distopt.PagedAdamW8bit(params, min_8bit_size=64)
     fresh.load_state_dict(saved)
     assert bitwise_equal(snapshot(fresh, params), snapshot(opt, params))
+
+
+def test_populate_falls_back_to_read_ahead_on_kernels_without_it(tmp_path, monkeypatch):
+    pager = paging.Pager(tmp_path)
+    t = pager.new((256, 1024), torch.float32, 0, torch.device("cpu"), "p")
+    advised = []
+
+    def madvise(tensor, advice):
+        advised.append(advice)
+        if advice == paging.MADV_POPULATE_WRITE:
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(paging, "_can_populate", True)
+    monkeypatch.setattr(paging, "_madvise", madvise)
+    pager.prefetch([t], [t], torch.device("cpu"))
+    pager.prefetch([t], [], torch.device("cpu"))
+    assert advised == [paging.MADV_POPULATE_WRITE, paging.MADV_WILLNEED, paging.MADV_WILLNEED, paging.MADV_WILLNEED]

@@ -201,7 +201,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         paged = [self._paged_tensors(s.state) for s in steps]
         for i, s in enumerate(steps):
             if self.pager is not None:  # this parameter's state and the next one's
-                self.pager.prefetch(paged[i] + (paged[i + 1] if i + 1 < len(steps) else []), s.param.device)
+                self.pager.prefetch(paged[i], paged[i + 1] if i + 1 < len(steps) else [], s.param.device)
             update(
                 s.param, s.grad, s.state, self.coefficients(s), s.gnorm_scale, fused=s.fused, new_absmax=s.new_absmax
             )
