@@ -6,13 +6,11 @@ from __future__ import annotations
 import inspect
 import re
 import types
-import warnings
 
 import pytest
 import torch
 
 import distopt
-from distopt.optim import base
 from tests.conftest import backend
 from tests.registry import make_params, run_steps
 
@@ -36,10 +34,13 @@ SIGNATURES = {  # ../shared/seeds: bitsandbytes' documented signatures
 def test_signature_and_defaults_match_bitsandbytes(name):
     cls = getattr(distopt, name)
     assert cls is getattr(distopt.optim, name) and name in distopt.__all__
-    params = list(inspect.signature(cls).parameters.values())
+    every = list(inspect.signature(cls).parameters.values())
+    params = [p for p in every if p.kind != inspect.Parameter.KEYWORD_ONLY]
     assert params[0].name == "params"
     assert {p.name: p.default for p in params[1:]} == SIGNATURES[name]
     assert [p.name for p in params[1:]] == list(SIGNATURES[name])
+    extra = {p.name: p.default for p in every if p.kind == inspect.Parameter.KEYWORD_ONLY}
+    assert extra == ({} if name.startswith("SGD") else {"spill_dir": None})  # distopt's own, keyword only
     doc = cls.__doc__
     for arg in SIGNATURES[name]:
         assert f"{arg}:" in doc, f"{name}'s docstring does not describe {arg}"
@@ -152,15 +153,13 @@ def test_sparse_and_complex_gradients_raise_clear_errors():
         distopt.AdamW8bit([torch.zeros(4, 4, dtype=torch.complex64, requires_grad=True)])
 
 
-def test_paged_classes_run_unpaged_and_say_so_once(monkeypatch):
-    monkeypatch.setattr(base, "_paged_warned", False)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for cls in (distopt.PagedAdamW, distopt.PagedAdamW8bit, distopt.PagedAdamW32bit):
-            stepped(cls(make_params([(4, 4)])), [])
-        distopt.AdamW(make_params([(4, 4)]), is_paged=True)
-    messages = [str(w.message) for w in caught if "paged" in str(w.message)]
-    assert len(messages) == 1 and "not implemented yet" in messages[0]
+def test_paged_classes_and_is_paged_give_paged_state(tmp_path):
+    for make in (distopt.PagedAdamW, distopt.PagedAdamW8bit, distopt.PagedAdamW32bit):
+        assert make(make_params([(4, 4)]), spill_dir=tmp_path).is_paged
+    assert distopt.AdamW(make_params([(4, 4)]), is_paged=True).pager is not None
+    assert distopt.AdamW8bit(make_params([(4, 4)])).pager is None
+    with pytest.raises(ValueError, match="spill_dir"):
+        distopt.AdamW8bit(make_params([(4, 4)]), spill_dir=tmp_path)
 
 
 def test_state_layout_rules():

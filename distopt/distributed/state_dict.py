@@ -21,7 +21,8 @@ change, and then every value keeps its saved dtype (torch's own ``load_state_dic
 would cast uint8 codes and fp32 state to the parameter's dtype). A saved tensor may be
 a DTensor (sharded load: its local part is taken) or a whole tensor (full state dict:
 this rank's rows are cut from it); either way the result is laid out like the
-parameter. A saved ``nonfinite_count`` total goes to the shard group's first rank.
+parameter, and a paged optimizer's state is paged again (allocated before anything is
+installed). A saved ``nonfinite_count`` total goes to the shard group's first rank.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def check_state_dict(opt: QuantizedOptimizer, state_dict: dict[str, Any]) -> Non
 def load_pre_hook(opt: QuantizedOptimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
     """Check everything and prepare the new state; torch then sees no state tensors at all."""
     groups, new_state = _prepared(opt, state_dict)
-    opt._loading = new_state
+    opt._loading = opt.page_loaded_state(new_state)  # paged optimizers: allocated (or refused) here
     return {"state": {}, "param_groups": [_untagged(g) for g in groups]}
 
 

@@ -31,7 +31,11 @@ _ARGUMENTS = """
             the current norm is above it; 100 disables clipping (default 100).
         block_wise: quantize in blocks of 256 elements of one dim-0 row, each with its
             own absmax (default True); False uses one absmax per tensor.
-        is_paged: keep state in paged memory (default False).{paged_note}
+        is_paged: keep state in paged memory (default False): CUDA unified memory
+            for CUDA parameters, memory-mapped spill files for CPU ones (see
+            ``docs/paging.md``).{paged_note}
+        spill_dir: (keyword only, paged state only) directory of the CPU spill files;
+            default ``$DISTOPT_SPILL_DIR``, else the system temp dir.
 """
 
 _ALGORITHM = """
@@ -79,6 +83,8 @@ class AdamW(QuantizedOptimizer):
         percentile_clipping: int = 100,
         block_wise: bool = True,
         is_paged: bool = False,
+        *,
+        spill_dir=None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
         super().__init__(
@@ -90,6 +96,7 @@ class AdamW(QuantizedOptimizer):
             percentile_clipping=percentile_clipping,
             block_wise=block_wise,
             is_paged=is_paged,
+            spill_dir=spill_dir,
         )
 
     def check_hyperparameters(self, group) -> None:
@@ -141,9 +148,9 @@ class AdamW8bit(AdamW):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
                  optim_bits=32, args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True,
-                 is_paged=False) -> None:  # fmt: skip
+                 is_paged=False, *, spill_dir=None) -> None:  # fmt: skip
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, 8, args,
-                         min_8bit_size, percentile_clipping, block_wise, is_paged)  # fmt: skip
+                         min_8bit_size, percentile_clipping, block_wise, is_paged, spill_dir=spill_dir)  # fmt: skip
 
 
 class AdamW32bit(AdamW):
@@ -151,9 +158,9 @@ class AdamW32bit(AdamW):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
                  optim_bits=32, args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True,
-                 is_paged=False) -> None:  # fmt: skip
+                 is_paged=False, *, spill_dir=None) -> None:  # fmt: skip
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, 32, args,
-                         min_8bit_size, percentile_clipping, block_wise, is_paged)  # fmt: skip
+                         min_8bit_size, percentile_clipping, block_wise, is_paged, spill_dir=spill_dir)  # fmt: skip
 
 
 class PagedAdamW(AdamW):
@@ -161,9 +168,10 @@ class PagedAdamW(AdamW):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
                  optim_bits=32, args=None, min_8bit_size=4096, percentile_clipping=100,
-                 block_wise=True) -> None:  # fmt: skip
+                 block_wise=True, *, spill_dir=None) -> None:  # fmt: skip
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, optim_bits, args,
-                         min_8bit_size, percentile_clipping, block_wise, is_paged=True)  # fmt: skip
+                         min_8bit_size, percentile_clipping, block_wise, is_paged=True,
+                         spill_dir=spill_dir)  # fmt: skip
 
 
 class PagedAdamW8bit(AdamW):
@@ -171,9 +179,10 @@ class PagedAdamW8bit(AdamW):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
                  optim_bits=32, args=None, min_8bit_size=4096, percentile_clipping=100,
-                 block_wise=True) -> None:  # fmt: skip
+                 block_wise=True, *, spill_dir=None) -> None:  # fmt: skip
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, 8, args,
-                         min_8bit_size, percentile_clipping, block_wise, is_paged=True)  # fmt: skip
+                         min_8bit_size, percentile_clipping, block_wise, is_paged=True,
+                         spill_dir=spill_dir)  # fmt: skip
 
 
 class PagedAdamW32bit(AdamW):
@@ -181,6 +190,7 @@ class PagedAdamW32bit(AdamW):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
                  optim_bits=32, args=None, min_8bit_size=4096, percentile_clipping=100,
-                 block_wise=True) -> None:  # fmt: skip
+                 block_wise=True, *, spill_dir=None) -> None:  # fmt: skip
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, 32, args,
-                         min_8bit_size, percentile_clipping, block_wise, is_paged=True)  # fmt: skip
+                         min_8bit_size, percentile_clipping, block_wise, is_paged=True,
+                         spill_dir=spill_dir)  # fmt: skip

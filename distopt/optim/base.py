@@ -6,6 +6,12 @@ how one parameter is updated; everything else is here:
 - bitsandbytes' arguments: ``optim_bits``, ``min_8bit_size``, ``percentile_clipping``,
   ``block_wise`` and ``is_paged``, overridable by an ``args`` object (or mapping) and,
   except ``is_paged``, per param group;
+- paged state (``is_paged``, :mod:`distopt.paging`): every state slot is allocated by the
+  optimizer's :class:`~distopt.paging.Pager` (spill files under ``spill_dir`` on CPU,
+  unified memory on CUDA), all of a step's missing slots before anything changes, read
+  ahead before and released after each parameter's update, and paged again after
+  ``load_state_dict``; :meth:`QuantizedOptimizer.close` (or ``with optimizer:``) drops
+  the state early;
 - state layout decided once per parameter from its *global* shape
   (:func:`distopt.quant.uses_8bit_state`): 8-bit state is uint8 ``codes`` shaped like
   the parameter plus fp32 ``<name>_absmax``; 32-bit state is fp32;
@@ -22,21 +28,20 @@ how one parameter is updated; everything else is here:
 from __future__ import annotations
 
 import numbers
-import warnings
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from .. import paging
 from ..distributed import state_dict as checkpoint_hooks
 from ..distributed.sharding import RowShard, row_shard
 from . import stepping
 
 GROUP_OVERRIDES = ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise")
 """Arguments a param group may set for its own parameters."""
-
-_paged_warned = False
 
 
 def resolve_args(args: Any, **keywords: Any) -> dict[str, Any]:
@@ -94,6 +99,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         percentile_clipping: int,
         block_wise: bool,
         is_paged: bool,
+        spill_dir: str | os.PathLike | None = None,
     ) -> None:
         resolved = resolve_args(
             args,
@@ -104,6 +110,11 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             is_paged=is_paged,
         )
         self.is_paged = bool(resolved.pop("is_paged"))
+        if spill_dir is not None and not self.is_paged:
+            raise ValueError(f"Invalid spill_dir: {spill_dir!r} is given but the state is not paged (is_paged=False)")
+        self.pager: paging.Pager | None = paging.Pager(spill_dir) if self.is_paged else None
+        """Allocates and pages the state (None unless ``is_paged``)."""
+        self.closed = False
         defaults = {**defaults, **resolved}
         self.check_hyperparameters(defaults)
         check_quantization_args(defaults)
@@ -113,8 +124,6 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         self.register_state_dict_post_hook(checkpoint_hooks.state_dict_post_hook)
         self.register_load_state_dict_pre_hook(checkpoint_hooks.load_pre_hook)
         self.register_load_state_dict_post_hook(checkpoint_hooks.load_post_hook, prepend=True)
-        if self.is_paged:
-            _warn_paged_once()
 
     # --- what subclasses provide ------------------------------------------------------
 
@@ -183,20 +192,75 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             for pi, p in enumerate(group["params"])
             if p.grad is not None
         ]
+        self._check_open("step()")
         checked = [stepping.check(p, name, self.row_shards) for p, name, _ in todo]  # may raise: nothing changed yet
-        steps = [stepping.prepare(self, p, name, group, *c) for (p, name, group), c in zip(todo, checked)]
+        new = self.pager.new if self.pager is not None else stepping.plain_tensor
+        fresh = stepping.allocate_state(self, todo, checked, new)  # may raise: nothing changed yet
+        steps = [stepping.prepare(self, p, name, group, *c, f) for (p, name, group), c, f in zip(todo, checked, fresh)]
         stepping.set_gradient_scales(steps)
         stepping.set_tensor_absmax(steps, type(self).new_absmax_fn, self.coefficients)
         update = type(self).update_fn
         # CUDA, 32-bit state: many parameters per launch (functional's [Note: many parameters per
         # launch]); paged state is paged in and out around each parameter's own update instead
         multi = None if self.is_paged else type(self).update_multi_fn
-        for s in stepping.update_in_few_launches(steps, multi, self.coefficients):
+        steps = stepping.update_in_few_launches(steps, multi, self.coefficients)
+        paged = [self._paged_tensors(s.state) for s in steps]
+        for i, s in enumerate(steps):
+            if self.pager is not None:  # this parameter's state and the next one's
+                self.pager.prefetch(paged[i], paged[i + 1] if i + 1 < len(steps) else [], s.param.device)
             update(
                 s.param, s.grad, s.state, self.coefficients(s), s.gnorm_scale, fused=s.fused, new_absmax=s.new_absmax
             )
             s.write_back()
+            if self.pager is not None:
+                self.pager.release(paged[i])
         return loss
+
+    # --- paged state and its release ------------------------------------------------------
+
+    def _paged_tensors(self, state: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The local tensors of ``state`` that a paged optimizer pages: the slots and absmax."""
+        return [v for k, v in state.items() if self._is_slot(k)]
+
+    def _is_slot(self, key: str) -> bool:
+        return key.removesuffix("_absmax") in self.all_slots
+
+    def page_loaded_state(self, new_state: dict) -> dict:
+        """``new_state`` (parameter -> state about to be installed by ``load_state_dict``)
+        with every slot tensor paged: a live tensor loaded in place (``dcp.load``) is kept,
+        any other is copied into freshly allocated paged memory. Unchanged if not paged."""
+        if self.pager is None:
+            return new_state
+        names = {p: param_name(gi, pi, p) for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])}
+        paged = {}
+        for p, state in new_state.items():
+            live = self.state.get(p, {})
+            paged[p] = {
+                k: self.pager.copy(v, f"{names[p]}'s {k!r}") if self._is_slot(k) and v is not live.get(k) else v
+                for k, v in state.items()
+            }
+        return paged
+
+    def close(self) -> None:
+        """Drop all optimizer state now (spill mappings are unmapped, managed memory freed,
+        as soon as no other tensor refers to it); ``step()`` and ``load_state_dict()``
+        raise afterwards. ``with optimizer:`` closes on exit. Idempotent."""
+        self.state.clear()
+        self.closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self, what: str) -> None:
+        if self.closed:
+            raise RuntimeError(f"distopt: {what} on a closed {type(self).__name__} (its state was released)")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_open("load_state_dict()")
+        super().load_state_dict(state_dict)
 
     def nonfinite_counts(self) -> dict[torch.Tensor, int]:
         """Per parameter, how many elements' updates were skipped for non-finite gradients.
@@ -216,14 +280,3 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             dist.all_reduce(total, group=group)
             counts.update(zip(members, total.tolist()))
         return counts
-
-
-def _warn_paged_once() -> None:
-    global _paged_warned
-    if not _paged_warned:
-        _paged_warned = True
-        warnings.warn(
-            "distopt: paged optimizer state is not implemented yet; the state is kept in ordinary memory.",
-            UserWarning,
-            stacklevel=3,
-        )

@@ -1,9 +1,9 @@
 """One optimizer step over all parameters (DESIGN §5), for one process or many.
 
 1. ``check`` every gradient and find where each parameter's local tensor sits in the
-   global one (:class:`~distopt.distributed.RowShard`) before anything changes; then
-   ``prepare``: allocate missing state (DTensors shaped like the parameter when it is
-   one) and advance ``step``.
+   global one (:class:`~distopt.distributed.RowShard`) before anything changes;
+   ``allocate_state``: every missing state slot (DTensors shaped like the parameter when
+   it is one; paged when the optimizer is), all or none; then ``prepare``: advance ``step``.
 2. ``set_gradient_scales``: percentile clipping from full-parameter norms: per-row
    sums of squares of the local rows, one all-reduce for all parameters.
 3. ``set_tensor_absmax``: for ``block_wise=False`` 8-bit state, each state's new local
@@ -74,21 +74,50 @@ def checked_grad(p: torch.Tensor, name: str) -> torch.Tensor:
     return local(grad).contiguous()
 
 
-def allocate_slot(state: dict, p: torch.Tensor, shard: RowShard, name: str, signed: bool, group) -> None:
-    """Allocate one state slot of ``p`` (8-bit or 32-bit by the global shape)."""
+def plain_tensor(shape, dtype: torch.dtype, fill: float, device: torch.device, name: str) -> torch.Tensor:
+    """Unpaged state: an ordinary tensor (the ``new`` of :func:`allocate_slot` by default)."""
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def allocate_slot(
+    state: dict, p: torch.Tensor, shard: RowShard, name: str, signed: bool, group, new=plain_tensor, where: str = ""
+) -> None:
+    """Allocate one state slot of ``p`` (8-bit or 32-bit by the global shape) with
+    ``new(shape, dtype, fill, device, name)`` (e.g. :meth:`distopt.paging.Pager.new`)."""
     p_local = local(p)
     shape = shard.global_shape
+    device = p_local.device
+    what = f"{where}'s {name!r}"
     if uses_8bit_state(shape, group["optim_bits"], group["min_8bit_size"]):
-        codes = torch.full(p_local.shape, zero_code(signed), dtype=torch.uint8, device=p_local.device)
+        codes = new(p_local.shape, torch.uint8, zero_code(signed), device, what)
         state[name] = wrap_like_param(codes, shard, shape)
         if group["block_wise"]:
             rows = p_local.shape[0] if p_local.dim() else 1
-            absmax = torch.zeros((rows, absmax_shape(shape, True)[1]), device=p_local.device)
+            absmax = new((rows, absmax_shape(shape, True)[1]), torch.float32, 0, device, what)
             state[f"{name}_absmax"] = wrap_like_param(absmax, shard, absmax_shape(shape, True))
         else:
-            state[f"{name}_absmax"] = wrap_replicated(torch.zeros(1, device=p_local.device), shard)
+            state[f"{name}_absmax"] = wrap_replicated(new((1,), torch.float32, 0, device, what), shard)
     else:
-        state[name] = wrap_like_param(torch.zeros(p_local.shape, device=p_local.device), shard, shape)
+        state[name] = wrap_like_param(new(p_local.shape, torch.float32, 0, device, what), shard, shape)
+
+
+def allocate_state(opt, todo: list, checked: list, new=plain_tensor) -> list[frozenset[str]]:
+    """Allocate every missing state slot of the parameters about to step, all or none:
+    if one allocation fails (e.g. a full spill disk) no state is installed and the error
+    propagates before anything changed. Returns each parameter's fresh slots."""
+    staged = []
+    for (p, name, group), (_, shard) in zip(todo, checked):
+        state = opt.state.get(p, {})
+        new_slots: dict[str, torch.Tensor] = {}
+        for slot, signed in opt.state_slots(group):
+            if slot not in state:
+                allocate_slot(new_slots, p, shard, slot, signed, group, new, name)
+        staged.append(new_slots)
+    fresh = []
+    for (p, _, group), new_slots in zip(todo, staged):
+        opt.state[p].update(new_slots)
+        fresh.append(frozenset(k for k, _ in opt.state_slots(group) if k in new_slots))
+    return fresh
 
 
 def check(p: torch.Tensor, name: str, declared: dict) -> tuple[torch.Tensor, RowShard]:
@@ -96,18 +125,17 @@ def check(p: torch.Tensor, name: str, declared: dict) -> tuple[torch.Tensor, Row
     return checked_grad(p, name), row_shard(p, declared, name)
 
 
-def prepare(opt, p: torch.Tensor, name: str, group: dict, grad: torch.Tensor, shard: RowShard) -> ParamStep:
-    """Complete the state of one checked parameter and advance its step."""
+def prepare(
+    opt, p: torch.Tensor, name: str, group: dict, grad: torch.Tensor, shard: RowShard, fresh: frozenset[str]
+) -> ParamStep:
+    """Complete the state of one checked parameter (its slots are allocated, ``fresh``
+    this step: :func:`allocate_state`) and advance its step."""
     state = opt.state[p]
     device = local(p).device
     if "step" not in state:
         state["step"] = torch.zeros((), dtype=torch.float32)
     if "nonfinite_count" not in state:  # also for state loaded from torch.optim
         state["nonfinite_count"] = torch.zeros((), dtype=torch.int64, device=device)
-    fresh = frozenset(n for n, _ in opt.state_slots(group) if n not in state)
-    for slot, signed in opt.state_slots(group):
-        if slot in fresh:
-            allocate_slot(state, p, shard, slot, signed, group)
     if group["percentile_clipping"] < 100 and "gnorm_history" not in state:
         state["gnorm_history"] = torch.zeros(F.HISTORY, dtype=torch.float64, device=device)
         fresh |= {"gnorm_history"}
