@@ -2,8 +2,11 @@
 
 The library is built on first use with ninja and cached by torch in
 ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); later imports load the
-cached build. The cache is keyed by the CPU capability the build targets (AVX512, AVX2
-or DEFAULT), so a cache shared between machines never runs instructions a CPU lacks.
+cached build. The cache is keyed by the CPU capability the build targets (AVX512VBMI,
+AVX512, AVX2 or DEFAULT), so a cache shared between machines never runs instructions a
+CPU lacks. AVX512VBMI is torch's AVX512 on a CPU that also has the AVX512-VBMI byte
+permutes (Ice Lake and later, Zen 4 and later; read from ``/proc/cpuinfo``), which
+distopt's 8-bit decode uses.
 ``DISTOPT_CPU_CAPABILITY`` forces a lower capability (for tests and old CPUs).
 
 If no compiler (or ninja) is available, :func:`load` returns False after saying so
@@ -39,7 +42,8 @@ _CAPABILITY_FLAGS = {
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
     "DEFAULT": [],
 }
-_ORDER = ["DEFAULT", "AVX2", "AVX512"]
+_CAPABILITY_FLAGS["AVX512VBMI"] = [*_CAPABILITY_FLAGS["AVX512"], "-mavx512vbmi", "-DDISTOPT_CPU_VBMI"]
+_ORDER = ["DEFAULT", "AVX2", "AVX512", "AVX512VBMI"]
 
 _state: dict[str, object] = {}
 
@@ -52,10 +56,25 @@ def csrc_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "csrc"
 
 
+def _has_cpu_flag(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and flag in line.split() for line in f)
+    except OSError:  # not Linux: the capability torch reports is the one used
+        return False
+
+
+def host_capability() -> str:
+    """The highest capability this CPU runs: torch's, refined to AVX512VBMI where it applies."""
+    host = torch.backends.cpu.get_cpu_capability()
+    if host == "AVX512" and _has_cpu_flag("avx512vbmi"):
+        return "AVX512VBMI"
+    return host if host in _CAPABILITY_FLAGS else "DEFAULT"
+
+
 def cpu_capability() -> str:
     """The capability to build for: the host's, capped by ``DISTOPT_CPU_CAPABILITY``."""
-    host = torch.backends.cpu.get_cpu_capability()
-    host = host if host in _CAPABILITY_FLAGS else "DEFAULT"
+    host = host_capability()
     forced = os.environ.get("DISTOPT_CPU_CAPABILITY", "").upper()
     if forced:
         if forced not in _CAPABILITY_FLAGS:

@@ -355,7 +355,7 @@ def adamw32_multi_update(params, grads, states, coeffs, gnorm_scales) -> None:
     vmax = [s["max_exp_avg_sq"] for s in states] if len(names) == 3 else []
     scales = [_scale_or_one(g, p.device) for p, g in zip(params, gnorm_scales)]
     counts = [s["nonfinite_count"] for s in states]
-    flat = [float(x) for c in coeffs for x in astuple(c)]
+    flat = [float(x) for c in coeffs for x in _values(c)]
     _ops.ops().adamw32_multi_(params, grads, exp_avg, exp_avg_sq, vmax, scales, counts, flat)
 
 
@@ -364,7 +364,7 @@ def sgd32_multi_update(params, grads, states, coeffs, gnorm_scales) -> None:
     bufs = [s["momentum_buffer"] for s in states] if "momentum_buffer" in states[0] else []
     scales = [_scale_or_one(g, p.device) for p, g in zip(params, gnorm_scales)]
     counts = [s["nonfinite_count"] for s in states]
-    flat = [float(x) for c in coeffs for x in astuple(c)]
+    flat = [float(x) for c in coeffs for x in _values(c)]
     _ops.ops().sgd32_multi_(params, grads, bufs, scales, counts, flat)
 
 

@@ -31,7 +31,7 @@ print("result:", (p.double().sum() + q.double().sum()).item().hex())
 
 
 def test_flags_keep_every_element_on_the_same_ieee_operations():
-    for capability in ("DEFAULT", "AVX2", "AVX512"):
+    for capability in _build._ORDER:
         flags = _build.cflags(capability)
         assert "-ffp-contract=off" in flags and "-fopenmp" in flags
         assert not any("fast-math" in f and not f.startswith("-fno-") for f in flags)
@@ -44,10 +44,22 @@ def test_capability_can_be_forced_lower_but_not_higher(monkeypatch):
     monkeypatch.setenv("DISTOPT_CPU_CAPABILITY", "SSE9")
     with pytest.raises(ValueError, match="DISTOPT_CPU_CAPABILITY"):
         _build.cpu_capability()
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        monkeypatch.setenv("DISTOPT_CPU_CAPABILITY", "AVX512")
-        with pytest.raises(ValueError, match="exceeds"):
-            _build.cpu_capability()
+    monkeypatch.setattr(_build, "host_capability", lambda: "AVX2")
+    monkeypatch.setenv("DISTOPT_CPU_CAPABILITY", "AVX512")
+    with pytest.raises(ValueError, match="exceeds"):
+        _build.cpu_capability()
+
+
+def test_vbmi_is_a_level_above_avx512_only_where_the_cpu_has_it(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(_build, "_has_cpu_flag", lambda flag: flag == "avx512vbmi")
+    assert _build.host_capability() == "AVX512VBMI"
+    monkeypatch.setattr(_build, "_has_cpu_flag", lambda flag: False)  # e.g. Skylake-X
+    assert _build.host_capability() == "AVX512"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(_build, "_has_cpu_flag", lambda flag: True)
+    assert _build.host_capability() == "AVX2"  # VBMI only refines AVX512
+    assert "-mavx512vbmi" in _build.cflags("AVX512VBMI") and "-mavx512vbmi" not in _build.cflags("AVX512")
 
 
 def test_without_a_compiler_distopt_runs_on_the_reference_path_and_says_so_once(tmp_path):

@@ -1,8 +1,9 @@
 """Every CPU capability this machine can run gives the same bits (DESIGN §3.1).
 
-Each capability (DEFAULT: scalar; AVX2; AVX512: the vectorized 8-bit kernels of
-csrc/cpu/simd_avx512.h) is built and run in its own subprocess (``DISTOPT_CPU_CAPABILITY``
-forces a lower one) on the same steps; the parameters, states and skip counts must be
+Each capability (DEFAULT: scalar; AVX2; AVX512: the vectorized kernels of
+csrc/cpu/simd_avx512.h; AVX512VBMI: the same with the byte-permute decode) is built and
+run in its own subprocess (``DISTOPT_CPU_CAPABILITY`` forces a lower one) on the same
+steps; the parameters, states and skip counts must be
 bitwise identical. The gradients probe the edges of the kernels: short last blocks,
 bf16/fp16 parameters, non-finite gradients, gradients large enough to overflow a state,
 subnormal and zero blocks (the division fallback and the zero absmax), and SGD with
@@ -17,7 +18,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from distopt import _build
 
@@ -77,9 +77,7 @@ print("digest:", digest.hexdigest())
 
 
 def runnable_capabilities() -> list[str]:
-    host = torch.backends.cpu.get_cpu_capability()
-    top = _build._ORDER.index(host) if host in _build._ORDER else 0
-    return _build._ORDER[: top + 1]
+    return _build._ORDER[: _build._ORDER.index(_build.host_capability()) + 1]
 
 
 def run_capability(capability: str) -> str:

@@ -81,6 +81,11 @@ std::unique_ptr<FastCodebook> build(const float* qmap) {
   }
   build_entries(*fb);
   build_compact(*fb);
+  for (int c = 0; c < 256; ++c) {
+    uint32_t bits;
+    std::memcpy(&bits, &fb->book.value[c], sizeof bits);
+    for (int k = 0; k < 4; ++k) fb->plane[k][c] = static_cast<uint8_t>(bits >> (8 * k));
+  }
   return fb;
 }
 

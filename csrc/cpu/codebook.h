@@ -36,6 +36,9 @@ struct FastCodebook {
   static constexpr uint32_t kCompactSize = kCompactHigh - kCompactLow;
   bool compact_ok;
   uint32_t compact[2 * kCompactSize];
+  // The map's values as four byte planes (byte k of book.value[c] at plane[k][c]), for
+  // decoding with byte permutes (simd_avx512.h's decode64).
+  alignas(64) uint8_t plane[4][256];
 };
 
 // A value's low 16 bits in increasing order of the value within its bucket.

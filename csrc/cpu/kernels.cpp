@@ -105,7 +105,7 @@ bool update_block_avx512(const Blocked8bit<P>& a, const Rule& rule, const FastCo
   const int64_t n = span.length, at = span.start;
   prefetch_ahead(a, at + kPrefetchDistance * kBlockSize);
   for (int s = 0; s < NS; ++s)
-    v::decode16(a.state[s].codes + at, n, books[s]->book.value, a.state[s].absmax[b], st[s]);
+    v::decode(a.state[s].codes + at, n, *books[s], a.state[s].absmax[b], st[s]);
   // the update, computed even if a gradient turns out non-finite (nothing is written then)
   __mmask16 bad = 0;
   v::AbsMax new_max[NS > 0 ? NS : 1];

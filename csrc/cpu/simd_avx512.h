@@ -137,6 +137,50 @@ inline void decode16(const uint8_t* codes, int64_t n, const float* value, float 
   }
 }
 
+#if defined(DISTOPT_CPU_VBMI)
+// decode16's result, 64 codes at a time with AVX512-VBMI byte permutes: each of the four
+// byte planes of the map (FastCodebook::plane) is a 256-entry byte lookup (two 128-byte
+// two-register permutes, chosen by the code's top bit); unpacking the planes rebuilds
+// the fp32 values exactly. Unpacks work within 128-bit lanes, so the codes are first
+// reordered (plane position 16k + 4r + i holds code 16r + 4k + i) for the floats to come
+// out in order. Lanes past n decode code 0 and are stored too, as in decode16.
+inline void decode64(const uint8_t* codes, int64_t n, const FastCodebook& fb, float scale, float* out) {
+  alignas(64) static const uint8_t kOrder[64] = {
+      0, 1, 2, 3, 16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51, 4, 5, 6, 7, 20, 21, 22, 23, 36, 37, 38, 39, 52, 53, 54, 55,
+      8, 9, 10, 11, 24, 25, 26, 27, 40, 41, 42, 43, 56, 57, 58, 59, 12, 13, 14, 15, 28, 29, 30, 31, 44, 45, 46, 47, 60, 61, 62, 63};
+  const __m512i order = _mm512_load_si512(kOrder);
+  __m512i table[4][4];
+  for (int k = 0; k < 4; ++k) {
+    for (int q = 0; q < 4; ++q) table[k][q] = _mm512_load_si512(fb.plane[k] + 64 * q);
+  }
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int64_t i = 0; i < n; i += 64) {
+    const __mmask64 m = n - i >= 64 ? ~__mmask64(0) : (__mmask64(1) << (n - i)) - 1;
+    const __m512i c = _mm512_permutexvar_epi8(order, _mm512_maskz_loadu_epi8(m, codes + i));
+    const __mmask64 high = _mm512_movepi8_mask(c);
+    __m512i b[4];
+    for (int k = 0; k < 4; ++k) {
+      b[k] = _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(table[k][0], c, table[k][1]),
+                                    _mm512_permutex2var_epi8(table[k][2], c, table[k][3]));
+    }
+    const __m512i lo01 = _mm512_unpacklo_epi8(b[0], b[1]), hi01 = _mm512_unpackhi_epi8(b[0], b[1]);
+    const __m512i lo23 = _mm512_unpacklo_epi8(b[2], b[3]), hi23 = _mm512_unpackhi_epi8(b[2], b[3]);
+    const __m512i r[4] = {_mm512_unpacklo_epi16(lo01, lo23), _mm512_unpackhi_epi16(lo01, lo23),
+                          _mm512_unpacklo_epi16(hi01, hi23), _mm512_unpackhi_epi16(hi01, hi23)};
+    for (int q = 0; q < 4; ++q) _mm512_storeu_ps(out + i + 16 * q, _mm512_mul_ps(_mm512_castsi512_ps(r[q]), s));
+  }
+}
+#endif
+
+// map[code] * scale for n codes, the fastest way this build has.
+inline void decode(const uint8_t* codes, int64_t n, const FastCodebook& fb, float scale, float* out) {
+#if defined(DISTOPT_CPU_VBMI)
+  decode64(codes, n, fb, scale, out);
+#else
+  decode16(codes, n, fb.book.value, scale, out);
+#endif
+}
+
 // FastCodebook entries for the lanes of `bits`: one gather from the L1-sized `compact`
 // table, or from the whole `entry` table when a lane lies outside it (|x| >= 2, inf, NaN).
 inline __m512i entries(const FastCodebook& fb, __m512i bits) {
