@@ -63,7 +63,7 @@ from types import ModuleType
 import torch
 
 import distopt
-from distopt import functional
+from distopt import _build, functional
 
 Shape = tuple[int, ...]
 Optimizer = torch.optim.Optimizer
@@ -533,7 +533,7 @@ def environment() -> dict:
     return {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_capability": _build.cpu_capability(),  # the kernels' build target (torch's, refined)
         "distopt_backend_setting": distopt.get_backend(),
         "distopt_backend": "fused" if fused else "reference",
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,  # other work skews figures
