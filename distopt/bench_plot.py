@@ -2,8 +2,8 @@
 
 ``python -m distopt.bench --workload all --plot docs/benchmarks.png`` measures and draws in
 one run; ``python -m distopt.bench_plot RESULTS.json OUT.png`` redraws a ``--json`` file.
-Two panels, both from one run's rows: throughput of every measured optimizer on each
-workload as a multiple of its torch baseline (AdamW rows against ``torch AdamW fused``,
+Two panels, both from one run's rows: throughput of distopt's and the peers' optimizers on
+each workload as a multiple of its torch baseline (AdamW rows against ``torch AdamW fused``,
 SGD rows against the fastest torch SGD; log scale, 1.0 marked), and state bytes per
 parameter element on the ``single`` workload. Rows without a measurement (a peer not
 installed or failing) are left out and named in the caption.
@@ -36,7 +36,7 @@ def plot(result: Mapping, path: str) -> None:
     rows = [r for r in result["rows"] if r["ratio_vs_baseline"] is not None]
     missing = sorted({r["name"] for r in result["rows"] if r["ratio_vs_baseline"] is None})
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
-    names = list(dict.fromkeys(r["name"] for r in rows if r["name"] != r["baseline"]))
+    names = list(dict.fromkeys(r["name"] for r in rows if not r["name"].startswith("torch ")))  # 1.0: torch
     per_package: dict[str, int] = {}
     ranks = {}
     for n in names:
@@ -49,7 +49,7 @@ def plot(result: Mapping, path: str) -> None:
         got = {r["workload"]: r["ratio_vs_baseline"] for r in rows if r["name"] == name}
         xs = [w + (i - (len(names) - 1) / 2) * width for w in range(len(workloads)) if workloads[w] in got]
         ax.bar(xs, [got[w] for w in workloads if w in got], width, label=name, color=_color(name, ranks[name]))
-    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.axhline(1.0, color="black", linewidth=0.8, label="torch baseline (1.0)")
     ax.set_yscale("log")
     ax.set_xticks(range(len(workloads)), workloads)
     ax.set_ylabel("throughput / torch baseline (same run)")
