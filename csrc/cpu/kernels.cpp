@@ -352,6 +352,26 @@ void sgd32(const Elementwise32bit<P>& a, const SGDCoeffs& c) {
   run_32bit(a, SGDRule{c, a.nstates == 1});
 }
 
+#if defined(DISTOPT_CPU_AVX512)
+// row_sumsq's lanes for one row on AVX-512: element i still goes to lane i % 8, in order
+// (16 elements are two 8-lane steps), and masked or non-finite lanes add +0.0, which
+// leaves a non-negative sum unchanged: the same bits as the scalar loop.
+template <typename P>
+void row_lanes_avx512(const P* row, int64_t row_length, double* lane) {
+  namespace v = avx512;
+  __m512d acc = _mm512_setzero_pd();
+  for (int64_t i = 0; i < row_length; i += v::kLanes) {
+    const __mmask16 m = v::lanes(row_length - i);
+    const __m512 x = _mm512_maskz_mov_ps(m & ~v::nonfinite(v::load(row + i, m), m), v::load(row + i, m));
+    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
+    const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+    acc = _mm512_add_pd(acc, _mm512_mul_pd(lo, lo));
+    acc = _mm512_add_pd(acc, _mm512_mul_pd(hi, hi));
+  }
+  _mm512_storeu_pd(lane, acc);
+}
+#endif
+
 template <typename P>
 void row_sumsq(const P* grad, int64_t rows, int64_t row_length, double* out) {
   constexpr int64_t kLanes = 8;
@@ -360,10 +380,14 @@ void row_sumsq(const P* grad, int64_t rows, int64_t row_length, double* out) {
                      for (int64_t r = begin; r < end; ++r) {
                        const P* row = grad + r * row_length;
                        double lane[kLanes] = {};
+#if defined(DISTOPT_CPU_AVX512)
+                       row_lanes_avx512(row, row_length, lane);
+#else
                        for (int64_t i = 0; i < row_length; ++i) {
                          const float x = load(row[i]);
                          lane[i % kLanes] += finite_bits(x) ? double(x) * double(x) : 0.0;
                        }
+#endif
                        for (int64_t width = kLanes / 2; width >= 1; width /= 2) {
                          for (int64_t l = 0; l < width; ++l) lane[l] += lane[l + width];
                        }
