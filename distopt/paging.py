@@ -207,30 +207,61 @@ class Pager:
         """Bring the state about to be updated (``now``) and the next one (``ahead``) towards
         ``device``. CPU spill files: ``now`` is mapped in one call (``MADV_POPULATE_WRITE``,
         where the kernel has it), ``ahead`` is read ahead (``MADV_WILLNEED``). CUDA managed
-        memory: both are prefetched to the GPU on the current stream."""
-        global _can_populate
+        memory: both are prefetched to the GPU on the current stream.
+
+        Best effort, called mid-step: a failed hint (an ``madvise`` error, a GPU that cannot
+        prefetch managed memory) warns once and the data is paged in on demand instead, so
+        a step never stops half-applied here."""
         for t, advice in [(t, MADV_POPULATE_WRITE) for t in now] + [(t, MADV_WILLNEED) for t in ahead]:
             if t.numel() == 0:
                 continue
-            if t.device.type == "cuda":
-                _managed_op("managed_prefetch", "state")(t, torch.device(device))
-            elif self.is_spilled(t):
-                if advice == MADV_POPULATE_WRITE and _can_populate:
-                    try:
-                        _madvise(t, advice)
-                        continue
-                    except OSError as err:  # EINVAL before Linux 5.14: read ahead instead
-                        if err.errno != errno.EINVAL:
-                            raise
-                        _can_populate = False
-                _madvise(t, MADV_WILLNEED)
+            try:
+                self._prefetch_one(t, advice, device)
+            except PagingError:
+                raise  # the ops are missing: allocation has already refused this, never reached
+            except (OSError, RuntimeError) as err:
+                _warn_hint_failed("prefetch", err)
+
+    def _prefetch_one(self, t: torch.Tensor, advice: int, device: torch.device) -> None:
+        global _can_populate
+        if t.device.type == "cuda":
+            _managed_op("managed_prefetch", "state")(t, torch.device(device))
+            return
+        if not self.is_spilled(t):
+            return
+        if advice == MADV_POPULATE_WRITE and _can_populate:
+            try:
+                _madvise(t, advice)
+                return
+            except OSError as err:  # EINVAL before Linux 5.14: read ahead instead
+                if err.errno != errno.EINVAL:
+                    raise
+                _can_populate = False
+        _madvise(t, MADV_WILLNEED)
 
     def release(self, tensors: Iterable[torch.Tensor]) -> None:
         """Drop spill-file pages of ``tensors`` from this process (the data stays in the
-        file); CUDA managed memory is left to the driver."""
+        file); CUDA managed memory is left to the driver. Best effort, like :meth:`prefetch`."""
         for t in tensors:
             if self.is_spilled(t):
-                _madvise(t, MADV_DONTNEED)
+                try:
+                    _madvise(t, MADV_DONTNEED)
+                except OSError as err:
+                    _warn_hint_failed("release", err)
+
+
+_warned_hints: set[str] = set()
+
+
+def _warn_hint_failed(what: str, err: Exception) -> None:
+    if what not in _warned_hints:
+        _warned_hints.add(what)
+        warnings.warn(
+            f"distopt: paged state {what} failed ({type(err).__name__}: {err}); continuing, the "
+            "state is paged on demand (results are unchanged)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _free_bytes(path: str) -> int:

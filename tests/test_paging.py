@@ -93,9 +93,17 @@ def mapped_file_kib() -> int:
     return sum(int(fields[k].split()[0]) for k in ("RssFile", "RssShmem"))
 
 
-def test_pages_are_released_after_each_update(tmp_path, monkeypatch):
-    params = make_params([(2048, 1024)] * 4)  # 32-bit state: 2 x 8 MiB per parameter, 64 MiB in all
-    opt = distopt.PagedAdamW32bit(params, spill_dir=tmp_path)
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps, d: distopt.PagedAdamW32bit(ps, spill_dir=d),  # 2 x 8 MiB per parameter
+        lambda ps, d: distopt.PagedAdamW8bit(ps, spill_dir=d, block_wise=False),  # + the new-absmax pass
+    ],
+    ids=["32bit", "8bit-tensorwise-absmax"],
+)
+def test_pages_are_released_after_each_update(tmp_path, monkeypatch, make_opt):
+    params = make_params([(2048, 1024)] * 4)
+    opt = make_opt(params, tmp_path)
     run_steps(opt, params, 1)
     state_kib = sum(t.numel() * t.element_size() for t in slot_tensors(opt)) // 1024
     before = mapped_file_kib()
@@ -339,3 +347,45 @@ def test_populate_falls_back_to_read_ahead_on_kernels_without_it(tmp_path, monke
     pager.prefetch([t], [t], torch.device("cpu"))
     pager.prefetch([t], [], torch.device("cpu"))
     assert advised == [paging.MADV_POPULATE_WRITE, paging.MADV_WILLNEED, paging.MADV_WILLNEED, paging.MADV_WILLNEED]
+
+
+def test_a_failed_page_hint_warns_and_the_step_completes_bitwise(tmp_path, monkeypatch):
+    """madvise failing mid-step (read-ahead or release) must not leave a half-applied step."""
+    params, ref = make_params([(64, 256), (32, 300)]), make_params([(64, 256), (32, 300)])
+    opt = distopt.PagedAdamW8bit(params, spill_dir=tmp_path, min_8bit_size=64)
+    plain = distopt.AdamW8bit(ref, min_8bit_size=64)
+    run_steps(opt, params, 1)
+    run_steps(plain, ref, 1)
+
+    def failing(t, advice):
+        raise OSError(errno.EIO, "simulated EIO from madvise")
+
+    monkeypatch.setattr(paging, "_madvise", failing)
+    monkeypatch.setattr(paging, "_warned_hints", set())
+    with pytest.warns(RuntimeWarning, match="paged on demand"):
+        run_steps(opt, params, 1)
+    run_steps(plain, ref, 1)
+    for p, q in zip(params, ref):
+        assert torch.equal(p, q)
+        assert opt.state[p]["step"].item() == plain.state[q]["step"].item() == 2
+
+
+@pytest.mark.parametrize("block_wise", [True, False])
+def test_one_parameters_state_is_resident_during_the_step(tmp_path, block_wise):
+    """Measured at every prefetch inside step(): with block_wise=False the new-absmax pass
+    reads every state before the updates, and must page each one in and out as well."""
+    params = make_params([(1024, 1024)] * 6)
+    opt = distopt.PagedAdamW8bit(params, spill_dir=tmp_path, block_wise=block_wise)
+    run_steps(opt, params, 1)
+    state_kib = sum(t.numel() * t.element_size() for t in slot_tensors(opt)) // 1024
+    before, seen = mapped_file_kib(), []
+    prefetch = opt.pager.prefetch
+
+    def recording(now, ahead, device):
+        seen.append(mapped_file_kib() - before)
+        prefetch(now, ahead, device)
+
+    opt.pager.prefetch = recording
+    run_steps(opt, params, 1)
+    assert max(seen) < state_kib // 3  # about one of six parameters' state, never all of it
+    assert len(seen) == (12 if not block_wise else 6)

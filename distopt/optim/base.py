@@ -198,7 +198,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         fresh = stepping.allocate_state(self, todo, checked, new)  # may raise: nothing changed yet
         steps = [stepping.prepare(self, p, name, group, *c, f) for (p, name, group), c, f in zip(todo, checked, fresh)]
         stepping.set_gradient_scales(steps)
-        stepping.set_tensor_absmax(steps, type(self).new_absmax_fn, self.coefficients)
+        stepping.set_tensor_absmax(steps, type(self).new_absmax_fn, self.coefficients, self.pager, self._paged_tensors)
         update = type(self).update_fn
         # CUDA, 32-bit state: many parameters per launch (functional's [Note: many parameters per
         # launch]); paged state is paged in and out around each parameter's own update instead

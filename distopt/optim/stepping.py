@@ -177,14 +177,22 @@ def set_gradient_scales(steps: list[ParamStep]) -> None:
         )
 
 
-def set_tensor_absmax(steps: list[ParamStep], new_absmax_fn, coefficients) -> None:
-    """New per-tensor absmax of block_wise=False 8-bit states (one MAX all-reduce)."""
+def set_tensor_absmax(steps: list[ParamStep], new_absmax_fn, coefficients, pager=None, paged_tensors=None) -> None:
+    """New per-tensor absmax of block_wise=False 8-bit states (one MAX all-reduce). With a
+    ``pager`` (paged state), each parameter's state is paged in around its own pass and the
+    next one's read ahead, as around the update, so this pass keeps one parameter's state
+    resident too."""
     tensorwise = [s for s in steps if any(k.endswith("_absmax") and v.dim() == 1 for k, v in s.state.items())]
     if not tensorwise:
         return
-    values = [
-        new_absmax_fn(s.param, s.grad, s.state, coefficients(s), s.gnorm_scale, fused=s.fused) for s in tensorwise
-    ]
+    values = []
+    for i, s in enumerate(tensorwise):
+        if pager is not None:
+            ahead = paged_tensors(tensorwise[i + 1].state) if i + 1 < len(tensorwise) else []
+            pager.prefetch(paged_tensors(s.state), ahead, s.param.device)
+        values.append(new_absmax_fn(s.param, s.grad, s.state, coefficients(s), s.gnorm_scale, fused=s.fused))
+        if pager is not None:
+            pager.release(paged_tensors(s.state))
     for s, v in zip(tensorwise, collectives.max_values(values, [s.shard for s in tensorwise])):
         s.new_absmax = v
 
