@@ -125,6 +125,21 @@ def cuda_arch_flags(arch_list: str | None = None) -> list[str]:
     return flags
 
 
+def cuda_runs_on(capability: tuple[int, int], arch_list: str | None = None) -> bool:
+    """Whether a build for ``arch_list`` (as :func:`cuda_arch_flags` reads it) has code a GPU of
+    compute ``capability`` runs: machine code for the same major version and a minor one
+    not above it, or PTX for an architecture not above it (the driver compiles it)."""
+    arch_list = arch_list or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCHS
+    for arch in arch_list.replace(" ", ";").split(";"):
+        if not arch:
+            continue
+        major, _, minor = arch.removesuffix("+PTX").partition(".")
+        built = (int(major), int(minor or 0))
+        if built <= capability and (built[0] == capability[0] or arch.endswith("+PTX")):
+            return True
+    return False
+
+
 def cuda_sources() -> list[str]:
     root = csrc_dir() / "cuda"
     return sorted(str(p) for p in [*root.glob("*.cu"), *root.glob("*.cpp")] if p.name != "host_harness.cpp")

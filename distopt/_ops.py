@@ -21,8 +21,11 @@ def available(device: torch.device) -> bool:
         return False
     if not _build.load():
         return False
-    if device.type == "cuda" and not (_build.cuda_loaded() and torch.cuda.is_available()):
-        return False
+    if device.type == "cuda":
+        if not (_build.cuda_loaded() and torch.cuda.is_available()):
+            return False
+        if not _build.cuda_runs_on(torch.cuda.get_device_capability(device)):
+            return False  # e.g. a V100 (7.0) and the default 8.0;9.0+PTX: the reference path runs
     _register_fakes()
     return True
 

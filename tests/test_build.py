@@ -140,3 +140,11 @@ def test_a_cuda_torch_without_a_toolkit_builds_the_cpu_kernels_and_says_so(monke
         assert _build.load()
     assert not _build.cuda_loaded()
     assert not distopt._ops.available(torch.device("cuda"))
+
+
+def test_cuda_kernels_are_used_only_on_gpus_the_arch_list_has_code_for():
+    arch = "8.0;9.0+PTX"  # the default
+    assert _build.cuda_runs_on((8, 0), arch) and _build.cuda_runs_on((8, 6), arch)  # sm_80 code runs on 8.6
+    assert _build.cuda_runs_on((9, 0), arch) and _build.cuda_runs_on((10, 0), arch)  # 9.0 PTX is compiled for 10.0
+    assert not _build.cuda_runs_on((7, 0), arch) and not _build.cuda_runs_on((7, 5), arch)  # V100, T4
+    assert not _build.cuda_runs_on((10, 0), "8.0;9.0")  # no PTX: nothing for a newer major version

@@ -2,8 +2,10 @@
 // - managed_empty: cudaMallocManaged, as a tensor on cuda:<device> whose storage frees
 //   the memory with cudaFree when it dies (the tensor owns its buffer);
 // - managed_prefetch_: cudaMemPrefetchAsync of a tensor's bytes to a GPU (device >= 0)
-//   or to the host (-1), on the current stream of the tensor's device. CUDA 13 takes a
-//   cudaMemLocation and flags where CUDA 12 took a device ordinal (CUDART_VERSION).
+//   or to the host (-1), on the current stream of the tensor's device, where the devices
+//   support it (concurrentManagedAccess; elsewhere a no-op: pages migrate on access).
+//   CUDA 13 takes a cudaMemLocation and flags where CUDA 12 took a device ordinal
+//   (CUDART_VERSION).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -26,9 +28,23 @@ at::Tensor managed_empty_op(at::IntArrayRef size, at::ScalarType dtype, int64_t 
   void* ptr = nullptr;
   C10_CUDA_CHECK(cudaMallocManaged(&ptr, bytes > 0 ? bytes : 1, cudaMemAttachGlobal));
   const c10::Device where(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device));
-  return at::from_blob(
-      ptr, size, [](void* p) { C10_CUDA_CHECK_WARN(cudaFree(p)); }, at::TensorOptions().dtype(dtype).device(where),
-      where);
+  try {
+    return at::from_blob(
+        ptr, size, [](void* p) { C10_CUDA_CHECK_WARN(cudaFree(p)); }, at::TensorOptions().dtype(dtype).device(where),
+        where);
+  } catch (...) {  // the tensor never took ownership
+    C10_CUDA_CHECK_WARN(cudaFree(ptr));
+    throw;
+  }
+}
+
+// Whether `device` can prefetch managed memory (cudaMemPrefetchAsync needs
+// concurrentManagedAccess on the stream's device; it is 0 on Windows/WDDM, WSL and some
+// virtual GPUs, where the memory is still usable and migrates on access).
+bool can_prefetch(int device) {
+  int concurrent = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&concurrent, cudaDevAttrConcurrentManagedAccess, device));
+  return concurrent != 0;
 }
 
 void managed_prefetch_op(at::Tensor t, int64_t device) {
@@ -36,6 +52,7 @@ void managed_prefetch_op(at::Tensor t, int64_t device) {
   TORCH_CHECK(device >= -1, "distopt: managed_prefetch_: device is a GPU index or -1 for the host");
   if (t.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(t.device());
+  if (!can_prefetch(t.device().index()) || (device >= 0 && !can_prefetch(static_cast<int>(device)))) return;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
   const void* ptr = static_cast<const char*>(t.storage().data()) + t.storage_offset() * t.element_size();
   const size_t bytes = static_cast<size_t>(t.numel()) * t.element_size();
