@@ -258,41 +258,47 @@ int64_t update_32bit_avx512(const Elementwise32bit<P>& a, const Rule& rule, int6
 }
 #endif
 
+// The 32-bit loop over [begin, end), element by element: branch-free over restrict
+// pointers with the state count fixed at compile time (IEEE operations only: the same
+// bits as the AVX-512 loop above). Returns the count of skipped elements.
+template <int NS, typename P, typename Rule>
+int64_t update_32bit_scalar(const Elementwise32bit<P>& a, const Rule& rule, int64_t begin, int64_t end) {
+  P* __restrict__ param = a.param;
+  const P* __restrict__ grad = a.grad;
+  float* __restrict__ s0 = a.state[0];
+  float* __restrict__ s1 = a.state[1];
+  float* __restrict__ s2 = a.state[2];
+  int64_t skipped = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    const float g = load(grad[i]);
+    bool finite = finite_bits(g);
+    const float p0 = load(param[i]);
+    float old[3] = {0.0f, 0.0f, 0.0f};
+    if (NS > 0) old[0] = s0[i];
+    if (NS > 1) old[1] = s1[i];
+    if (NS > 2) old[2] = s2[i];
+    float p = p0, e[3] = {old[0], old[1], old[2]};
+    rule(p, finite ? g * a.gnorm_scale : 0.0f, e);
+    for (int s = 0; s < NS; ++s) finite &= finite_bits(e[s]);  // an overflowing state: skipped too
+    param[i] = finite ? static_cast<P>(p) : param[i];
+    if (NS > 0) s0[i] = finite ? e[0] : old[0];
+    if (NS > 1) s1[i] = finite ? e[1] : old[1];
+    if (NS > 2) s2[i] = finite ? e[2] : old[2];
+    skipped += finite ? 0 : 1;
+  }
+  return skipped;
+}
+
 // The 32-bit driver: elementwise; a non-finite gradient leaves its element untouched.
-// Written branch-free over restrict pointers with the state count fixed at compile
-// time (IEEE operations only: the same bits as the AVX-512 loop above).
 template <int NS, typename P, typename Rule>
 void run_32bit_n(const Elementwise32bit<P>& a, const Rule& rule) {
   std::atomic<int64_t> skipped{0};
   at::parallel_for(0, a.numel, kElementGrain, [&](int64_t begin, int64_t end) {
 #if defined(DISTOPT_CPU_AVX512)
     skipped += update_32bit_avx512<NS>(a, rule, begin, end);
-    return;
+#else
+    skipped += update_32bit_scalar<NS>(a, rule, begin, end);
 #endif
-    P* __restrict__ param = a.param;
-    const P* __restrict__ grad = a.grad;
-    float* __restrict__ s0 = a.state[0];
-    float* __restrict__ s1 = a.state[1];
-    float* __restrict__ s2 = a.state[2];
-    int64_t local_skipped = 0;
-    for (int64_t i = begin; i < end; ++i) {
-      const float g = load(grad[i]);
-      bool finite = finite_bits(g);
-      const float p0 = load(param[i]);
-      float old[3] = {0.0f, 0.0f, 0.0f};
-      if (NS > 0) old[0] = s0[i];
-      if (NS > 1) old[1] = s1[i];
-      if (NS > 2) old[2] = s2[i];
-      float p = p0, e[3] = {old[0], old[1], old[2]};
-      rule(p, finite ? g * a.gnorm_scale : 0.0f, e);
-      for (int s = 0; s < NS; ++s) finite &= finite_bits(e[s]);  // an overflowing state: skipped too
-      param[i] = finite ? static_cast<P>(p) : param[i];
-      if (NS > 0) s0[i] = finite ? e[0] : old[0];
-      if (NS > 1) s1[i] = finite ? e[1] : old[1];
-      if (NS > 2) s2[i] = finite ? e[2] : old[2];
-      local_skipped += finite ? 0 : 1;
-    }
-    skipped += local_skipped;
   });
   *a.nonfinite_count += skipped.load();
 }

@@ -5,6 +5,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include "../common/host_tensor.h"
 #include "kernels.h"
 
 namespace distopt::cpu {
@@ -12,12 +13,6 @@ namespace {
 
 using at::Tensor;
 
-int64_t rows_of(const Tensor& t) { return t.dim() == 0 ? 1 : t.size(0); }
-int64_t row_length_of(const Tensor& t) {
-  int64_t n = 1;
-  for (int64_t d = 1; d < t.dim(); ++d) n *= t.size(d);
-  return n;
-}
 
 void check_pair(const Tensor& param, const Tensor& grad) {
   TORCH_CHECK(param.is_contiguous() && grad.is_contiguous(), "distopt: param and grad must be contiguous");
@@ -109,18 +104,6 @@ std::vector<QuantState> adamw_states(const Tensor& param, const Tensor& m, const
   if (vmax.has_value()) s.push_back(quant_state(param, *vmax, *vmax_absmax, unsigned_qmap, "max_exp_avg_sq"));
   TORCH_CHECK(m_absmax.numel() == v_absmax.numel(), "distopt: all states must share one block layout");
   return s;
-}
-
-// Calls f with a value of the parameter's C++ type: float, c10::BFloat16 or c10::Half.
-template <typename F>
-void dispatch_dtype(const Tensor& param, const char* op, F&& f) {
-  switch (param.scalar_type()) {
-    case at::kFloat: return f(float{});
-    case at::kBFloat16: return f(c10::BFloat16{});
-    case at::kHalf: return f(c10::Half{});
-    default: TORCH_CHECK(false, "distopt::", op, ": unsupported dtype ", param.scalar_type(),
-                         " (float32, bfloat16 and float16 are supported)");
-  }
 }
 
 void adamw8bit_op(Tensor param, const Tensor& grad, Tensor m, Tensor m_absmax, Tensor v, Tensor v_absmax,

@@ -6,6 +6,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "../common/host_tensor.h"
 #include "kernels.h"
 
 namespace distopt::cuda {
@@ -13,12 +14,6 @@ namespace distopt::cuda {
 using at::Tensor;
 using OptTensor = c10::optional<Tensor>;
 
-inline int64_t rows_of(const Tensor& t) { return t.dim() == 0 ? 1 : t.size(0); }
-inline int64_t row_length_of(const Tensor& t) {
-  int64_t n = 1;
-  for (int64_t d = 1; d < t.dim(); ++d) n *= t.size(d);
-  return n;
-}
 
 inline void check_on(const Tensor& t, const Tensor& param, const char* name) {
   TORCH_CHECK(t.device() == param.device(), "distopt: ", name, " is on ", t.device(), ", the parameter on ",
@@ -68,17 +63,6 @@ inline void check_quant(const Tensor& param, const Quant& q) {
               "distopt: absmax must be contiguous fp32 with one value per block or one in all");
   TORCH_CHECK(q.qmap.scalar_type() == at::kFloat && q.qmap.is_contiguous() && q.qmap.numel() == 256,
               "distopt: qmap must be 256 contiguous fp32 values");
-}
-
-template <typename F>
-inline void dispatch_dtype(const Tensor& param, const char* op, F&& f) {
-  switch (param.scalar_type()) {
-    case at::kFloat: return f(float{});
-    case at::kBFloat16: return f(c10::BFloat16{});
-    case at::kHalf: return f(c10::Half{});
-    default: TORCH_CHECK(false, "distopt::", op, ": unsupported dtype ", param.scalar_type(),
-                         " (float32, bfloat16 and float16 are supported)");
-  }
 }
 
 inline cudaStream_t stream() { return at::cuda::getCurrentCUDAStream().stream(); }

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "../common/host_tensor.h"
 #include "blockwise8bit.h"
 #include "multi_tensor.h"
 #include "rowwise.h"
@@ -20,19 +21,6 @@ namespace distopt::cuda::host {
 namespace {
 
 using at::Tensor;
-
-int64_t rows_of(const Tensor& t) { return t.dim() == 0 ? 1 : t.size(0); }
-int64_t row_length_of(const Tensor& t) { return t.dim() == 0 ? 1 : (t.size(0) == 0 ? 0 : t.numel() / t.size(0)); }
-
-template <typename F>
-void dispatch_dtype(const Tensor& t, F&& f) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return f(float{});
-    case at::kBFloat16: return f(c10::BFloat16{});
-    case at::kHalf: return f(c10::Half{});
-    default: TORCH_CHECK(false, "distopt_host: unsupported dtype ", t.scalar_type());
-  }
-}
 
 // Runs `body(exec, shared)` for each CUDA block of a grid of `grid` (shared memory is
 // fresh garbage per block, as on the device: filled with NaN bits so stale reads show).
@@ -66,7 +54,7 @@ Tensor blockwise8bit(Tensor param, const Tensor& grad, at::TensorList codes, at:
                      Tensor count, const std::string& rule, at::ArrayRef<double> coeffs, bool max_pass, int64_t grid) {
   const int ns = static_cast<int>(codes.size());
   Tensor max_out = at::zeros({ns}, param.options().dtype(at::kFloat));
-  dispatch_dtype(param, [&](auto tag) {
+  dispatch_dtype(param, "host", [&](auto tag) {
     using P = decltype(tag);
     Block8bitArgs<P> a{};
     a.param = param.data_ptr<P>();
@@ -113,7 +101,7 @@ int64_t multi32(at::TensorList params, at::TensorList grads, at::TensorList stat
                 at::ArrayRef<double> coeffs) {
   int64_t launches = 0;
   if (params.empty()) return 0;
-  dispatch_dtype(params[0], [&](auto tag) {
+  dispatch_dtype(params[0], "host", [&](auto tag) {
     using P = decltype(tag);
     auto fill = [&](auto& t, size_t j) {
       t.param = params[j].data_ptr<P>();
@@ -149,7 +137,7 @@ int64_t multi32(at::TensorList params, at::TensorList grads, at::TensorList stat
 Tensor row_sumsq(const Tensor& grad, int64_t grid) {
   Tensor out = at::zeros({rows_of(grad)}, grad.options().dtype(at::kDouble));
   if (grad.numel() == 0) return out;
-  dispatch_dtype(grad, [&](auto tag) {
+  dispatch_dtype(grad, "host", [&](auto tag) {
     using P = decltype(tag);
     const RowSumsqArgs<P> a{grad.data_ptr<P>(), rows_of(grad), row_length_of(grad), out.data_ptr<double>()};
     run_grid<RowSumsqShared>(grid, [&](const HostExec& x, RowSumsqShared& sh) { row_sumsq_body(x, a, sh); });
