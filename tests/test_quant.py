@@ -145,6 +145,32 @@ def test_fused_encoder_is_exact_at_every_threshold_and_over_all_magnitudes(kerne
 
 
 @pytest.mark.parametrize("signed", [True, False])
+def test_fused_encoder_is_exact_over_a_sweep_of_every_binade(kernels_built, signed):
+    """The SIMD segment encoder (csrc/cpu/codebook.h's SegmentEncoder: one fma a lane,
+    lanes next to a threshold referred to the table) against the exact reference: every
+    65th float from -1 to 1 (every binade, each 2^-17 of a binade's range apart on
+    average), and the floats up to 8 ulps on either side of each threshold."""
+    q = quant.qmap(signed)
+    t = quant.thresholds(q)
+    bits = torch.arange(0, 0x3F800001, 65, dtype=torch.int64).to(torch.int32)
+    magnitudes = torch.cat([bits.view(torch.float32), torch.tensor([1.0])])
+    sweep = torch.cat([magnitudes, -magnitudes]) if signed else magnitudes
+    near = [t]
+    for direction in (-1.0, 1.0):
+        x = t
+        for _ in range(8):
+            x = torch.nextafter(x, torch.full_like(x, direction))
+            near.append(x)
+    x = torch.cat([sweep, *near])
+    x = x[(x >= -1) & (x <= 1)]
+    row = torch.cat([x, torch.tensor([1.0])])  # absmax 1: the values are encoded as they are
+    row = torch.nn.functional.pad(row, (0, -row.numel() % 256)).view(1, -1)
+    codes, absmax = _ops.ops().quantize_blockwise(row, q, False)
+    assert absmax.item() == 1.0
+    assert torch.equal(codes, quant.encode(row, q))
+
+
+@pytest.mark.parametrize("signed", [True, False])
 def test_subnormal_absmax_encodes_like_a_normal_one(kernels_built, signed):
     """1/absmax overflows for absmax < 2.9e-39: values are divided instead, in both paths."""
     q = quant.qmap(signed)

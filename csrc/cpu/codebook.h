@@ -8,11 +8,45 @@
 #pragma once
 
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 
 #include "../common/quant.h"
 
 namespace distopt::cpu {
+
+// A gather-free encoder for SIMD lanes (simd_avx512.h's encode_lanes), exact by
+// construction. On each side of zero the thresholds, taken by increasing magnitude,
+// fall into segments cut at a few "anchor" thresholds (for the dynamic maps: one per
+// decade), such that the thresholds strictly inside a segment (its grid) are uniformly
+// spaced up to a tiny error. A value's segment is found from its binade (a binade holds
+// at most one anchor) and one comparison with that anchor; its code is then
+// floor(x * slope + offset) from one fma, where the segment's line puts its k-th grid
+// threshold at its lowest code + 1 + k within `delta`, clamped to the segment's codes
+// at its far end (the gap to the next anchor is wider than the grid's step). The floor
+// is read in fixed point: adding 1.5 * 2^10 to f (|f| < 500) leaves its value in the
+// sum's bits with 13 fractional bits. When those fractional bits are neither 0x1FFF,
+// 0, 1 nor 2, f lies at least `margin` = 1.5 * 2^-13 from an integer, and its floor is
+// provably the exact count of thresholds at or below x (margin > delta + the fma's
+// rounding, checked for every segment when built); the rare lanes nearer than that
+// (values next to a threshold, and non-finite ones) are referred to encode_fast. Zeros are encoded as -0 (the code of both zeros). The
+// positive floor is built in: for a map that has one, the positive side counts from
+// code 1 and leaves out the threshold below it. See encode_segments for the scalar
+// transcription.
+struct SegmentEncoder {
+  static constexpr int kSlots = 16;  // segments per side: slot = side * kSlots + segment
+  bool ok;                           // false: this map does not fit; entries() serves it
+  uint32_t exponent_low;             // binades (biased exponents) clamp to [low, low + 31]
+  int32_t first_slot[2][32];         // [side][exponent % 32]: the slot its binade starts in
+  float anchor[2 * kSlots];          // |x| >= anchor[slot]: x lies in slot + 1 (+inf: none)
+  float slope[2 * kSlots];
+  float offset[2 * kSlots];
+  int32_t limit[2 * kSlots];         // the code at the far end (the highest on the positive
+                                     // side, the lowest on the negative side), plus kFixedCode
+  static constexpr float kFixed = 1536.0f;         // 1.5 * 2^10: the sum's last bit is 2^-13
+  static constexpr uint32_t kFixedCode = 0x22600;  // the bits of kFixed, shifted right by 13
+  static constexpr float kMargin = 0x1.8p-13f;
+};
 
 struct FastCodebook {
   Codebook book;
@@ -39,6 +73,7 @@ struct FastCodebook {
   // The map's values as four byte planes (byte k of book.value[c] at plane[k][c]), for
   // decoding with byte permutes (simd_avx512.h's decode64).
   alignas(64) uint8_t plane[4][256];
+  SegmentEncoder segments;
 };
 
 // A value's low 16 bits in increasing order of the value within its bucket.
@@ -53,6 +88,30 @@ inline uint8_t encode_fast(const FastCodebook& fb, float x) {
   const uint8_t code = fb.bucket[bits >> 16];
   const uint8_t nearest = static_cast<uint8_t>(code + (code < 255 && fb.threshold[code] <= x ? 1 : 0));
   return nearest == 0 && x > 0.0f ? fb.positive_floor : nearest;
+}
+
+// SegmentEncoder's code for x, lane by lane as simd_avx512.h computes it, or -1 where
+// it refers x to encode_fast (x is within `margin` of a threshold, or not finite).
+inline int encode_segments(const SegmentEncoder& se, float x) {
+  if (x == 0.0f) x = -0.0f;
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  const uint32_t magnitude_bits = bits & 0x7FFFFFFFu;
+  float magnitude;
+  std::memcpy(&magnitude, &magnitude_bits, sizeof magnitude);
+  const uint32_t exponent = magnitude_bits >> 23;
+  const uint32_t binade = exponent < se.exponent_low ? se.exponent_low
+                          : exponent > se.exponent_low + 31 ? se.exponent_low + 31 : exponent;
+  int slot = se.first_slot[bits >> 31][binade % 32];
+  if (magnitude >= se.anchor[slot]) ++slot;
+  const float f = std::fma(x, se.slope[slot], se.offset[slot]);
+  const float fixed = f + SegmentEncoder::kFixed;
+  uint32_t q;
+  std::memcpy(&q, &fixed, sizeof q);
+  if (((q + 1) & 0x1FFCu) == 0) return -1;  // the fraction's bits are 0x1FFF, 0, 1 or 2
+  const int code = static_cast<int>(q >> 13);
+  const int clamped = bits >> 31 ? std::max(code, se.limit[slot]) : std::min(code, se.limit[slot]);
+  return clamped - static_cast<int>(SegmentEncoder::kFixedCode);
 }
 
 }  // namespace distopt::cpu

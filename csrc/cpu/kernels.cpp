@@ -98,7 +98,8 @@ void prefetch_ahead(const Blocked8bit<P>& a, int64_t at) {
 // in a short last block), with simd_avx512.h's lane-exact helpers: each element takes
 // the scalar loop's operations in its order. Returns false, having written nothing,
 // when the block is skipped (a non-finite gradient, or an overflowing new state).
-template <int NS, typename P, typename Rule>
+// Scaled: gnorm_scale is not 1 (g * 1 is g for the finite gradients that are used).
+template <int NS, bool Scaled, typename P, typename Rule>
 bool update_block_avx512(const Blocked8bit<P>& a, const Rule& rule, const FastCodebook* const* books,
                          int64_t b, BlockSpan span, float* p, float (*st)[kBlockSize]) {
   namespace v = avx512;
@@ -116,7 +117,7 @@ bool update_block_avx512(const Blocked8bit<P>& a, const Rule& rule, const FastCo
     v::V16 pv{v::load(a.param + at + i, m)};
     v::V16 e[3] = {{_mm512_setzero_ps()}, {_mm512_setzero_ps()}, {_mm512_setzero_ps()}};
     for (int s = 0; s < NS; ++s) e[s].v = _mm512_loadu_ps(st[s] + i);
-    rule(pv, v::V16{g} * a.gnorm_scale, e);
+    rule(pv, Scaled ? v::V16{g} * a.gnorm_scale : v::V16{g}, e);
     _mm512_storeu_ps(p + i, pv.v);
     for (int s = 0; s < NS; ++s) {
       _mm512_storeu_ps(st[s] + i, e[s].v);
@@ -140,11 +141,19 @@ bool update_block_avx512(const Blocked8bit<P>& a, const Rule& rule, const FastCo
 template <typename P, typename Rule>
 bool update_block_avx512(const Blocked8bit<P>& a, const Rule& rule, const FastCodebook* const* books,
                          int64_t b, BlockSpan span, float* p, float (*st)[kBlockSize]) {
+  if (a.gnorm_scale != 1.0f) {
+    switch (a.nstates) {
+      case 1: return update_block_avx512<1, true>(a, rule, books, b, span, p, st);
+      case 2: return update_block_avx512<2, true>(a, rule, books, b, span, p, st);
+      case 3: return update_block_avx512<3, true>(a, rule, books, b, span, p, st);
+      default: return update_block_avx512<0, true>(a, rule, books, b, span, p, st);
+    }
+  }
   switch (a.nstates) {
-    case 1: return update_block_avx512<1>(a, rule, books, b, span, p, st);
-    case 2: return update_block_avx512<2>(a, rule, books, b, span, p, st);
-    case 3: return update_block_avx512<3>(a, rule, books, b, span, p, st);
-    default: return update_block_avx512<0>(a, rule, books, b, span, p, st);
+    case 1: return update_block_avx512<1, false>(a, rule, books, b, span, p, st);
+    case 2: return update_block_avx512<2, false>(a, rule, books, b, span, p, st);
+    case 3: return update_block_avx512<3, false>(a, rule, books, b, span, p, st);
+    default: return update_block_avx512<0, false>(a, rule, books, b, span, p, st);
   }
 }
 #endif

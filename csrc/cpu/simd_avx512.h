@@ -8,8 +8,10 @@
 //   rounded like the scalar ones; no FMA is ever written, and -ffp-contract=off keeps
 //   the compiler from forming one);
 // - `maximum` is the scalar `a > b ? a : b` (a NaN in `a` yields `b`);
-// - encode16 is encode_fast: one gather of FastCodebook::entry (bucket code and where
-//   in the bucket the next threshold lies), one integer comparison, the positive floor;
+// - encode16 is encode_fast: by codebook.h's SegmentEncoder (no gather: permutes, one
+//   fma, lanes next to a threshold referred to encode_fast), or for a map that does not
+//   fit it, one gather of FastCodebook::entry (bucket code and where in the bucket the
+//   next threshold lies), one integer comparison, the positive floor;
 // - max_abs16 returns the scalar max_abs exactly: without NaN, a maximum does not depend
 //   on the order; with a NaN (whose scalar result depends on its position) it defers to
 //   the scalar fold.
@@ -24,6 +26,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "codebook.h"
@@ -85,18 +88,21 @@ inline void store(c10::Half* out, __mmask16 m, __m512 x) {  // c10's own convers
 
 // max |x| accumulated 16 lanes at a time, equal to kernels.cpp's scalar `max_abs` over
 // the same values: without NaN a maximum does not depend on the order; with one (whose
-// scalar result depends on its position) `result` defers to the scalar fold.
+// scalar result depends on its position) `result` defers to the scalar fold. The
+// maximum is taken on the magnitudes' bits, whose unsigned order is the order of the
+// values, with every NaN above +inf (two integer operations a vector).
 struct AbsMax {
-  __m512 acc = _mm512_setzero_ps();
-  __mmask16 nan = 0;
+  __m512i acc = _mm512_setzero_si512();
   void add(__m512 x, __mmask16 m) {
-    x = _mm512_maskz_mov_ps(m, x);
-    nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-    acc = _mm512_max_ps(acc, _mm512_abs_ps(x));
+    acc = _mm512_mask_max_epu32(acc, m, acc, _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF)));
   }
   template <typename Scalar>
   float result(const float* x, int64_t n, Scalar scalar) const {
-    return nan != 0 ? scalar(x, n) : _mm512_reduce_max_ps(acc);
+    const uint32_t bits = _mm512_reduce_max_epu32(acc);
+    if (bits > 0x7F800000u) return scalar(x, n);  // a NaN
+    float max;
+    std::memcpy(&max, &bits, sizeof max);
+    return max;
   }
 };
 
@@ -208,22 +214,91 @@ inline __m512i encode_lanes(const FastCodebook& fb, __m512 x) {
   return _mm512_mask_mov_epi32(nearest, floor, _mm512_set1_epi32(fb.positive_floor));
 }
 
-// kernels.cpp's encode_block: x * (1 / absmax), or x / absmax when the reciprocal of a
-// subnormal absmax is not finite.
+// SegmentEncoder's tables in registers: each 32-entry table in two, read by
+// two-register permutes (which use an index's low five bits).
+struct SegmentLanes {
+  __m512i first[2][2];  // [side]: first_slot by binade % 32
+  __m512 anchor[2], slope[2], offset[2];
+  __m512i limit[2];
+  __m512i exponent_low, exponent_high;
+
+  explicit SegmentLanes(const SegmentEncoder& se) {
+    for (int h = 0; h < 2; ++h) {
+      for (int side = 0; side < 2; ++side) first[side][h] = _mm512_loadu_si512(se.first_slot[side] + 16 * h);
+      anchor[h] = _mm512_loadu_ps(se.anchor + 16 * h);
+      slope[h] = _mm512_loadu_ps(se.slope + 16 * h);
+      offset[h] = _mm512_loadu_ps(se.offset + 16 * h);
+      limit[h] = _mm512_loadu_si512(se.limit + 16 * h);
+    }
+    exponent_low = _mm512_set1_epi32(static_cast<int>(se.exponent_low));
+    exponent_high = _mm512_set1_epi32(static_cast<int>(se.exponent_low + 31));
+  }
+};
+
+// codebook.h's encode_segments, lane by lane: no gather, one fma. `refer` gets the
+// lanes it refers to encode_fast (their codes here are meaningless).
+inline __m512i encode_segment_lanes(const SegmentLanes& t, __m512 x, __mmask16& refer) {
+  // +0 and -0 to -0 (vfixupimm's token 7 for the zero class, the value itself otherwise)
+  x = _mm512_fixupimm_ps(x, x, _mm512_set1_epi32(0x11111711), 0);
+  const __m512i bits = _mm512_castps_si512(x);
+  const __mmask16 negative = _mm512_movepi32_mask(bits);
+  const __m512i magnitude = _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF));
+  const __m512i binade = _mm512_min_epu32(_mm512_max_epu32(_mm512_srli_epi32(magnitude, 23), t.exponent_low),
+                                          t.exponent_high);
+  __m512i slot = _mm512_mask_blend_epi32(negative, _mm512_permutex2var_epi32(t.first[0][0], binade, t.first[0][1]),
+                                         _mm512_permutex2var_epi32(t.first[1][0], binade, t.first[1][1]));
+  const __mmask16 beyond = _mm512_cmp_ps_mask(_mm512_castsi512_ps(magnitude),
+                                              _mm512_permutex2var_ps(t.anchor[0], slot, t.anchor[1]), _CMP_GE_OQ);
+  slot = _mm512_mask_add_epi32(slot, beyond, slot, _mm512_set1_epi32(1));
+  const __m512 f = _mm512_fmadd_ps(x, _mm512_permutex2var_ps(t.slope[0], slot, t.slope[1]),
+                                   _mm512_permutex2var_ps(t.offset[0], slot, t.offset[1]));
+  // f in fixed point, 13 fractional bits: refer the lanes whose fraction is 0x1FFF, 0, 1 or 2
+  const __m512i q = _mm512_castps_si512(_mm512_add_ps(f, _mm512_set1_ps(SegmentEncoder::kFixed)));
+  refer = _mm512_testn_epi32_mask(_mm512_add_epi32(q, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x1FFC));
+  // clamped at the segment's far end (max on the negative side, min on the positive);
+  // the code is the low byte (kFixedCode's is 0)
+  const __m512i code = _mm512_srli_epi32(q, 13), limit = _mm512_permutex2var_epi32(t.limit[0], slot, t.limit[1]);
+  return _mm512_mask_max_epi32(_mm512_min_epi32(code, limit), negative, code, limit);
+}
+
+// kernels.cpp's encode_block for one block (n <= kBlockSize): x * (1 / absmax), or x / absmax when the reciprocal of a
+// subnormal absmax is not finite; each lane's code from the segment encoder where the
+// map fits it (lanes it refers are re-encoded by encode_fast after the block's loop,
+// from the same scaled value), else from the table (encode_lanes).
 inline void encode16(const float* x, int64_t n, float absmax, const FastCodebook& fb, uint8_t* codes) {
   const float inv = inverse_absmax(absmax);
   const bool divide = !finite_bits(inv);
   const __m512 s = _mm512_set1_ps(divide ? absmax : inv);
+  const bool segments = fb.segments.ok;
+  const SegmentLanes table(fb.segments);
+  __mmask16 referred[kBlockSize / kLanes];
+  __mmask16 any = 0;
   for (int64_t i = 0; i < n; i += kLanes) {
     const __mmask16 m = lanes(n - i);
     const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
     const __m512 y = divide ? _mm512_div_ps(v, s) : _mm512_mul_ps(v, s);
+    __m512i code;
+    if (segments) {
+      __mmask16 refer;
+      code = encode_segment_lanes(table, y, refer);
+      referred[i / kLanes] = refer & m;
+      any |= refer & m;
+    } else {
+      code = encode_lanes(fb, y);
+    }
     // narrowed in a register, then stored (the masked narrowing store is slow on some CPUs)
-    const __m128i bytes = _mm512_cvtepi32_epi8(encode_lanes(fb, y));
+    const __m128i bytes = _mm512_cvtepi32_epi8(code);
     if (m == 0xFFFF) {
       _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), bytes);
     } else {
       _mm_mask_storeu_epi8(codes + i, m, bytes);
+    }
+  }
+  if (any != 0) {  // rare: values next to a threshold
+    for (int64_t i = 0; i < n; i += kLanes) {
+      for (int64_t l = 0; l < kLanes; ++l) {
+        if ((referred[i / kLanes] >> l) & 1) codes[i + l] = encode_fast(fb, divide ? x[i + l] / absmax : x[i + l] * inv);
+      }
     }
   }
 }
