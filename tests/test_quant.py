@@ -170,6 +170,27 @@ def test_fused_encoder_is_exact_over_a_sweep_of_every_binade(kernels_built, sign
     assert torch.equal(codes, quant.encode(row, q))
 
 
+@pytest.mark.parametrize("kind", ["uniform", "random"])
+def test_fused_encoder_is_exact_for_other_maps(kernels_built, kind):
+    """Maps other than the dynamic ones: a uniform map (k / 128: one segment a side for
+    the segment encoder) and one of random gaps (too many segments: the table path; gaps
+    of at least 1/191, so that no table bucket holds two thresholds)."""
+    gen = torch.Generator().manual_seed(3)
+    if kind == "uniform":
+        q = torch.arange(-127, 129, dtype=torch.float32) / 128
+    else:
+        q = torch.cumsum(torch.rand(256, generator=gen, dtype=torch.float64) + 1, 0)
+        q = ((q - q[0]) / (q[-1] - q[0]) * 2 - 1).float()
+    t = quant.thresholds(q)
+    one = torch.ones_like(t)
+    x = torch.cat([t, torch.nextafter(t, -one), torch.nextafter(t, one), q, torch.rand(1 << 18, generator=gen) * 2 - 1])
+    row = torch.cat([x.clamp(-1, 1), torch.tensor([1.0])])
+    row = torch.nn.functional.pad(row, (0, -row.numel() % 256)).view(1, -1)
+    codes, absmax = _ops.ops().quantize_blockwise(row, q, False)
+    assert absmax.item() == 1.0
+    assert torch.equal(codes, quant.encode(row, q))
+
+
 @pytest.mark.parametrize("signed", [True, False])
 def test_subnormal_absmax_encodes_like_a_normal_one(kernels_built, signed):
     """1/absmax overflows for absmax < 2.9e-39: values are divided instead, in both paths."""

@@ -122,7 +122,7 @@ bool fit_segment(const FastCodebook& fb, const std::vector<Segment>& segments, s
   const float outer = outermost ? (negative ? -INFINITY : INFINITY) : segments[k + 1].edge;
   se.anchor[slot] = outermost ? INFINITY : segments[k + 1].start;
   // The code at the segment's lowest x, which no grid threshold reaches.
-  const float lowest = negative ? (outermost ? -FLT_MAX : outer) : (k == 0 ? FLT_TRUE_MIN : inner);
+  const float lowest = negative ? (outermost ? -INFINITY : outer) : (k == 0 ? 0.0f : inner);
   const int base = negative ? encode(t, lowest) : std::max<int>(encode(t, lowest), fb.positive_floor);
   std::vector<double> grid;  // by increasing x
   for (int j : segments[k].grid) grid.push_back(t[j]);
@@ -160,7 +160,9 @@ void build_segments(FastCodebook& fb) {
   SegmentEncoder& se = fb.segments;
   se = SegmentEncoder{};
   se.ok = false;
-  if (encode_fast(fb, -0.0f) != encode_fast(fb, 0.0f)) return;
+  for (int j = 0; j < 255; ++j) {
+    if (fb.book.threshold[j] == 0.0f) return;  // a threshold at zero: the sides would not meet there
+  }
   constexpr int kSlots = SegmentEncoder::kSlots;
   for (int slot = 0; slot < 2 * kSlots; ++slot) {  // unused slots are never reached
     se.anchor[slot] = INFINITY;

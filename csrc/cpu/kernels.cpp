@@ -130,10 +130,10 @@ bool update_block_avx512(const Blocked8bit<P>& a, const Rule& rule, const FastCo
     absmax[s] = new_max[s].result(st[s], n, max_abs);
     if (!finite_bits(absmax[s])) return false;  // an overflowing state: skipped too
   }
-  for (int s = 0; s < NS; ++s) {
-    v::encode16(st[s], n, absmax[s], *books[s], a.state[s].codes + at);
-    a.state[s].absmax[b] = absmax[s];
-  }
+  const float* values[3] = {st[0], st[1], st[2]};
+  uint8_t* codes[3] = {a.state[0].codes + at, a.state[1].codes + at, a.state[2].codes + at};
+  v::encode_states<NS>(values, n, absmax, books, codes);
+  for (int s = 0; s < NS; ++s) a.state[s].absmax[b] = absmax[s];
   for (int64_t i = 0; i < n; i += v::kLanes) v::store(a.param + at + i, v::lanes(n - i), _mm512_loadu_ps(p + i));
   return true;
 }

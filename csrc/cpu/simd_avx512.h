@@ -222,6 +222,7 @@ struct SegmentLanes {
   __m512i limit[2];
   __m512i exponent_low, exponent_high;
 
+  SegmentLanes() = default;
   explicit SegmentLanes(const SegmentEncoder& se) {
     for (int h = 0; h < 2; ++h) {
       for (int side = 0; side < 2; ++side) first[side][h] = _mm512_loadu_si512(se.first_slot[side] + 16 * h);
@@ -261,46 +262,69 @@ inline __m512i encode_segment_lanes(const SegmentLanes& t, __m512 x, __mmask16& 
   return _mm512_mask_max_epi32(_mm512_min_epi32(code, limit), negative, code, limit);
 }
 
-// kernels.cpp's encode_block for one block (n <= kBlockSize): x * (1 / absmax), or x / absmax when the reciprocal of a
-// subnormal absmax is not finite; each lane's code from the segment encoder where the
-// map fits it (lanes it refers are re-encoded by encode_fast after the block's loop,
-// from the same scaled value), else from the table (encode_lanes).
-inline void encode16(const float* x, int64_t n, float absmax, const FastCodebook& fb, uint8_t* codes) {
-  const float inv = inverse_absmax(absmax);
-  const bool divide = !finite_bits(inv);
-  const __m512 s = _mm512_set1_ps(divide ? absmax : inv);
-  const bool segments = fb.segments.ok;
-  const SegmentLanes table(fb.segments);
-  __mmask16 referred[kBlockSize / kLanes];
-  __mmask16 any = 0;
-  for (int64_t i = 0; i < n; i += kLanes) {
-    const __mmask16 m = lanes(n - i);
-    const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
-    const __m512 y = divide ? _mm512_div_ps(v, s) : _mm512_mul_ps(v, s);
-    __m512i code;
-    if (segments) {
-      __mmask16 refer;
-      code = encode_segment_lanes(table, y, refer);
-      referred[i / kLanes] = refer & m;
-      any |= refer & m;
-    } else {
-      code = encode_lanes(fb, y);
-    }
+// The codes of NS states of one block (n <= kBlockSize), as kernels.cpp's encode_block
+// gives them: x * (1 / absmax), or x / absmax when the reciprocal of a subnormal absmax
+// is not finite. Where every map fits the segment encoder, the states are encoded in one
+// pass, 16 lanes of each at a time (the lanes it refers are re-encoded by encode_fast
+// after the pass, from the same scaled value); else state by state through the table
+// (encode_lanes).
+template <int NS>
+void encode_states(const float* const* x, int64_t n, const float* absmax, const FastCodebook* const* books,
+                   uint8_t* const* codes) {
+  float inv[NS > 0 ? NS : 1];
+  bool divide[NS > 0 ? NS : 1];
+  __m512 scale[NS > 0 ? NS : 1];
+  bool segments = true;
+  for (int s = 0; s < NS; ++s) {
+    inv[s] = inverse_absmax(absmax[s]);
+    divide[s] = !finite_bits(inv[s]);
+    scale[s] = _mm512_set1_ps(divide[s] ? absmax[s] : inv[s]);
+    segments &= books[s]->segments.ok;
+  }
+  auto scaled = [&](int s, int64_t i, __mmask16 m) {
+    const __m512 v = _mm512_maskz_loadu_ps(m, x[s] + i);
+    return divide[s] ? _mm512_div_ps(v, scale[s]) : _mm512_mul_ps(v, scale[s]);
+  };
+  auto store = [&](int s, int64_t i, __mmask16 m, __m512i code) {
     // narrowed in a register, then stored (the masked narrowing store is slow on some CPUs)
     const __m128i bytes = _mm512_cvtepi32_epi8(code);
     if (m == 0xFFFF) {
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), bytes);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(codes[s] + i), bytes);
     } else {
-      _mm_mask_storeu_epi8(codes + i, m, bytes);
+      _mm_mask_storeu_epi8(codes[s] + i, m, bytes);
+    }
+  };
+  if (!segments) {
+    for (int s = 0; s < NS; ++s) {
+      for (int64_t i = 0; i < n; i += kLanes) store(s, i, lanes(n - i), encode_lanes(*books[s], scaled(s, i, lanes(n - i))));
+    }
+    return;
+  }
+  SegmentLanes table[NS > 0 ? NS : 1];
+  for (int s = 0; s < NS; ++s) table[s] = SegmentLanes(books[s]->segments);
+  __mmask16 referred[NS > 0 ? NS : 1][kBlockSize / kLanes];
+  __mmask16 any = 0;
+  for (int64_t i = 0; i < n; i += kLanes) {
+    const __mmask16 m = lanes(n - i);
+    for (int s = 0; s < NS; ++s) {
+      __mmask16 refer;
+      store(s, i, m, encode_segment_lanes(table[s], scaled(s, i, m), refer));
+      referred[s][i / kLanes] = refer & m;
+      any |= refer & m;
     }
   }
-  if (any != 0) {  // rare: values next to a threshold
-    for (int64_t i = 0; i < n; i += kLanes) {
-      for (int64_t l = 0; l < kLanes; ++l) {
-        if ((referred[i / kLanes] >> l) & 1) codes[i + l] = encode_fast(fb, divide ? x[i + l] / absmax : x[i + l] * inv);
-      }
+  if (any == 0) return;  // rare: values next to a threshold
+  for (int s = 0; s < NS; ++s) {
+    for (int64_t i = 0; i < n; ++i) {
+      if ((referred[s][i / kLanes] >> (i % kLanes)) & 1)
+        codes[s][i] = encode_fast(*books[s], divide[s] ? x[s][i] / absmax[s] : x[s][i] * inv[s]);
     }
   }
+}
+
+inline void encode16(const float* x, int64_t n, float absmax, const FastCodebook& fb, uint8_t* codes) {
+  const FastCodebook* book = &fb;
+  encode_states<1>(&x, n, &absmax, &book, &codes);
 }
 
 }  // namespace distopt::cpu::avx512
