@@ -5,13 +5,15 @@
 // gets the bits the scalar code would give it (DESIGN §3.1):
 // - V16 carries 16 fp32 lanes through optim_math.h's templated rules with the same IEEE
 //   operations in the same order (vmulps, vaddps, vsubps, vdivps, vsqrtps are correctly
-//   rounded like the scalar ones; no FMA is ever written, and -ffp-contract=off keeps
-//   the compiler from forming one);
+//   rounded like the scalar ones; no FMA is written in the update math, and
+//   -ffp-contract=off keeps the compiler from forming one);
 // - `maximum` is the scalar `a > b ? a : b` (a NaN in `a` yields `b`);
-// - encode16 is encode_fast: by codebook.h's SegmentEncoder (no gather: permutes, one
-//   fma, lanes next to a threshold referred to encode_fast), or for a map that does not
-//   fit it, one gather of FastCodebook::entry (bucket code and where in the bucket the
-//   next threshold lies), one integer comparison, the positive floor;
+// - encode_states / encode16 give encode_fast's codes: by codebook.h's SegmentEncoder
+//   (no gather: permutes and one fma, whose result only picks the code and is proven
+//   exact where it is used; lanes next to a threshold are referred to encode_fast), or
+//   for a map that does not fit it, one gather of FastCodebook::entry (bucket code and
+//   where in the bucket the next threshold lies), one integer comparison, the positive
+//   floor;
 // - max_abs16 returns the scalar max_abs exactly: without NaN, a maximum does not depend
 //   on the order; with a NaN (whose scalar result depends on its position) it defers to
 //   the scalar fold.
