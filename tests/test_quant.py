@@ -125,6 +125,16 @@ def test_eight_bit_rule_uses_global_numel_and_row_length():
     assert quant.uses_8bit_state((10, 2, 8), 8, 0)  # rows are numel / shape[0]
 
 
+def assert_fused_encodes_exactly(x: torch.Tensor, q: torch.Tensor) -> None:
+    """The C++ encoder's codes of `x` (values in [-1, 1], encoded as they are: one row
+    with absmax 1) equal the exact reference's."""
+    row = torch.cat([x, torch.tensor([1.0])])
+    row = torch.nn.functional.pad(row, (0, -row.numel() % 256)).view(1, -1)
+    codes, absmax = _ops.ops().quantize_blockwise(row, q, False)
+    assert absmax.item() == 1.0
+    assert torch.equal(codes, quant.encode(row, q))
+
+
 @pytest.mark.parametrize("signed", [True, False])
 def test_fused_encoder_is_exact_at_every_threshold_and_over_all_magnitudes(kernels_built, signed):
     """The C++ table encoder against the exact reference: values at, just below and just
@@ -136,12 +146,7 @@ def test_fused_encoder_is_exact_at_every_threshold_and_over_all_magnitudes(kerne
     signs = torch.where(torch.rand(1 << 20, generator=gen) < 0.5, -1.0, 1.0) if signed else 1.0
     one = torch.ones_like(t)
     x = torch.cat([t, torch.nextafter(t, -one), torch.nextafter(t, one), q, magnitudes * signs])
-    x = x[(x >= -1) & (x <= 1)]
-    row = torch.cat([x, torch.tensor([1.0])])  # absmax 1: the values are encoded as they are
-    row = torch.nn.functional.pad(row, (0, -row.numel() % 256)).view(1, -1)
-    codes, absmax = _ops.ops().quantize_blockwise(row, q, False)
-    assert absmax.item() == 1.0
-    assert torch.equal(codes, quant.encode(row, q))
+    assert_fused_encodes_exactly(x[(x >= -1) & (x <= 1)], q)
 
 
 @pytest.mark.parametrize("signed", [True, False])
@@ -162,12 +167,7 @@ def test_fused_encoder_is_exact_over_a_sweep_of_every_binade(kernels_built, sign
             x = torch.nextafter(x, torch.full_like(x, direction))
             near.append(x)
     x = torch.cat([sweep, *near])
-    x = x[(x >= -1) & (x <= 1)]
-    row = torch.cat([x, torch.tensor([1.0])])  # absmax 1: the values are encoded as they are
-    row = torch.nn.functional.pad(row, (0, -row.numel() % 256)).view(1, -1)
-    codes, absmax = _ops.ops().quantize_blockwise(row, q, False)
-    assert absmax.item() == 1.0
-    assert torch.equal(codes, quant.encode(row, q))
+    assert_fused_encodes_exactly(x[(x >= -1) & (x <= 1)], q)
 
 
 @pytest.mark.parametrize("kind", ["uniform", "random"])
@@ -184,11 +184,7 @@ def test_fused_encoder_is_exact_for_other_maps(kernels_built, kind):
     t = quant.thresholds(q)
     one = torch.ones_like(t)
     x = torch.cat([t, torch.nextafter(t, -one), torch.nextafter(t, one), q, torch.rand(1 << 18, generator=gen) * 2 - 1])
-    row = torch.cat([x.clamp(-1, 1), torch.tensor([1.0])])
-    row = torch.nn.functional.pad(row, (0, -row.numel() % 256)).view(1, -1)
-    codes, absmax = _ops.ops().quantize_blockwise(row, q, False)
-    assert absmax.item() == 1.0
-    assert torch.equal(codes, quant.encode(row, q))
+    assert_fused_encodes_exactly(x.clamp(-1, 1), q)
 
 
 @pytest.mark.parametrize("signed", [True, False])
