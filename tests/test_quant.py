@@ -170,21 +170,42 @@ def test_fused_encoder_is_exact_over_a_sweep_of_every_binade(kernels_built, sign
     assert_fused_encodes_exactly(x[(x >= -1) & (x <= 1)], q)
 
 
-@pytest.mark.parametrize("kind", ["uniform", "random"])
+@pytest.mark.parametrize("kind", ["uniform", "random", "subnormal"])
 def test_fused_encoder_is_exact_for_other_maps(kernels_built, kind):
     """Maps other than the dynamic ones: a uniform map (k / 128: one segment a side for
-    the segment encoder) and one of random gaps (too many segments: the table path; gaps
-    of at least 1/191, so that no table bucket holds two thresholds)."""
+    the segment encoder), one of random gaps (too many segments: the table path; gaps of
+    at least 1/191, so that no table bucket holds two thresholds), and the signed dynamic
+    map times 2^-112 (its smallest segments start among the subnormals: the table path)."""
     gen = torch.Generator().manual_seed(3)
     if kind == "uniform":
         q = torch.arange(-127, 129, dtype=torch.float32) / 128
+    elif kind == "subnormal":
+        q = quant.qmap(True) * 2.0**-112
     else:
         q = torch.cumsum(torch.rand(256, generator=gen, dtype=torch.float64) + 1, 0)
         q = ((q - q[0]) / (q[-1] - q[0]) * 2 - 1).float()
     t = quant.thresholds(q)
     one = torch.ones_like(t)
-    x = torch.cat([t, torch.nextafter(t, -one), torch.nextafter(t, one), q, torch.rand(1 << 18, generator=gen) * 2 - 1])
+    spread = torch.rand(1 << 18, generator=gen) * 2 - 1
+    x = torch.cat([t, torch.nextafter(t, -one), torch.nextafter(t, one), q, spread * q.abs().max()])
     assert_fused_encodes_exactly(x.clamp(-1, 1), q)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_fused_encoder_gives_every_nan_the_same_code(kernels_built, signed):
+    """A NaN state (SGD with weight decay and a NaN parameter makes one) is encoded the
+    same whatever its sign and payload, in every capability's path: the SIMD encoder
+    refers every NaN to the table encoder. Here the NaN comes first in its block, so the
+    block's absmax is 0.5 (the scalar max-abs fold drops a NaN that is not last)."""
+    q = quant.qmap(signed)
+    payloads = [0x7FC00000, 0x7FC01234, 0xFFC01234, 0x7F800003, 0xFFD5A123, 0x7FFFFFFF, 0xFF800001]
+    nan = torch.tensor([b - (1 << 32) if b >= 1 << 31 else b for b in payloads], dtype=torch.int32).view(torch.float32)
+    rows = torch.zeros(len(payloads), 256)
+    rows[:, 0] = nan
+    rows[:, 1] = 0.5
+    codes, absmax = _ops.ops().quantize_blockwise(rows, q, True)
+    assert torch.equal(absmax, torch.full_like(absmax, 0.5))
+    assert torch.equal(codes[:, 0], codes[:1, 0].expand(len(payloads)))
 
 
 @pytest.mark.parametrize("signed", [True, False])

@@ -120,7 +120,7 @@ bool fit_segment(const FastCodebook& fb, const std::vector<Segment>& segments, s
   const bool outermost = k + 1 == segments.size();
   const float inner = segments[k].edge;  // x at the end toward zero, and at the far end
   const float outer = outermost ? (negative ? -INFINITY : INFINITY) : segments[k + 1].edge;
-  se.anchor[slot] = outermost ? INFINITY : segments[k + 1].start;
+  se.anchor[slot] = outermost ? NAN : segments[k + 1].start;  // NaN: never compares, a lane stays in its side
   // The code at the segment's lowest x, which no grid threshold reaches.
   const float lowest = negative ? (outermost ? -INFINITY : outer) : (k == 0 ? 0.0f : inner);
   const int base = negative ? encode(t, lowest) : std::max<int>(encode(t, lowest), fb.positive_floor);
@@ -141,7 +141,8 @@ bool fit_segment(const FastCodebook& fb, const std::vector<Segment>& segments, s
   auto line = [&](double x) { return x * double(se.slope[slot]) + double(se.offset[slot]); };
   double delta = 0.0;  // how far the line puts a grid threshold from its integer
   for (int i = 0; i < m; ++i) delta = std::max(delta, std::fabs(line(grid[i]) - (base + 1 + i)));
-  // |f| over the segment bounds the fma's one rounding: |f - line(x)| <= reach * 2^-24.
+  // |f| over the segment bounds the fma's one rounding: |f - line(x)| <= reach * 2^-24
+  // (counted twice, to be safe).
   const double reach = std::max(std::fabs(line(inner)), std::fabs(line(outer)));
   const double error = reach * 0x1p-23 + 1e-12;
   const double first = line(negative ? outer : inner), last = line(negative ? inner : outer);
@@ -156,7 +157,7 @@ bool fit_segment(const FastCodebook& fb, const std::vector<Segment>& segments, s
 // does not fit (too many segments, two anchors in a binade, a line not trusted at the
 // margin or leaving its codes at its near end, zeros referred); its lanes take the
 // gather path.
-void build_segments(FastCodebook& fb) {
+[[maybe_unused]] void build_segments(FastCodebook& fb) {
   SegmentEncoder& se = fb.segments;
   se = SegmentEncoder{};
   se.ok = false;
@@ -165,7 +166,7 @@ void build_segments(FastCodebook& fb) {
   }
   constexpr int kSlots = SegmentEncoder::kSlots;
   for (int slot = 0; slot < 2 * kSlots; ++slot) {  // unused slots are never reached
-    se.anchor[slot] = INFINITY;
+    se.anchor[slot] = NAN;
     se.offset[slot] = 0.5f;
   }
   std::vector<float> anchors[2];  // the magnitudes that start a next segment, by side
@@ -184,8 +185,9 @@ void build_segments(FastCodebook& fb) {
       largest = std::max(largest, binade_of(a));
     }
   }
+  if (smallest != 255 && smallest < 2) return;  // an anchor among the subnormals
   se.exponent_low = smallest == 255 ? 1 : smallest - 1;  // below every anchor
-  if (se.exponent_low < 1 || largest > se.exponent_low + 31) return;
+  if (largest > se.exponent_low + 31) return;
   for (int side = 0; side < 2; ++side) {
     for (uint32_t e = se.exponent_low; e <= se.exponent_low + 31; ++e) {
       const float start = from_bits(e << 23), end = e == se.exponent_low + 31 ? INFINITY : from_bits((e + 1) << 23);
@@ -198,7 +200,7 @@ void build_segments(FastCodebook& fb) {
       se.first_slot[side][e % 32] = side * kSlots + at_start;
     }
   }
-  std::vector<float> probes = {0.0f, -0.0f, INFINITY, -INFINITY, NAN, FLT_MAX, -FLT_MAX, FLT_TRUE_MIN, -FLT_TRUE_MIN};
+  std::vector<float> probes = {0.0f, -0.0f, INFINITY, -INFINITY, NAN, -NAN, FLT_MAX, -FLT_MAX, FLT_TRUE_MIN, -FLT_TRUE_MIN};
   for (int j = 0; j < 256; ++j) {
     probes.push_back(fb.book.value[j]);
     if (j == 255) break;
@@ -241,7 +243,11 @@ std::unique_ptr<FastCodebook> build(const float* qmap) {
   }
   build_entries(*fb);
   build_compact(*fb);
-  build_segments(*fb);
+#if defined(DISTOPT_CPU_AVX512)
+  build_segments(*fb);  // (only the AVX-512 encoder uses it)
+#else
+  fb->segments = SegmentEncoder{};
+#endif
   for (int c = 0; c < 256; ++c) {
     uint32_t bits;
     std::memcpy(&bits, &fb->book.value[c], sizeof bits);

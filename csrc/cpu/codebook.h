@@ -15,7 +15,7 @@
 
 namespace distopt::cpu {
 
-// A gather-free encoder for SIMD lanes (simd_avx512.h's encode_lanes), exact by
+// A gather-free encoder for SIMD lanes (simd_avx512.h's encode_segment_lanes), exact by
 // construction. On each side of zero the thresholds, taken by increasing magnitude,
 // fall into segments cut at a few "anchor" thresholds (for the dynamic maps: one per
 // decade), such that the thresholds strictly inside a segment (its grid) are uniformly
@@ -29,7 +29,8 @@ namespace distopt::cpu {
 // 0, 1 nor 2, f lies at least `margin` = 1.5 * 2^-13 from an integer, and its floor is
 // provably the exact count of thresholds at or below x (margin > delta + the fma's
 // rounding, checked for every segment when built); the rare lanes nearer than that
-// (values next to a threshold, and non-finite ones) are referred to encode_fast. Zeros are encoded as -0 (the code of both zeros). The
+// (values next to a threshold, and infinities and NaNs, whatever their payload) are
+// referred to encode_fast. Zeros are encoded as -0 (the code of both zeros). The
 // positive floor is built in: for a map that has one, the positive side counts from
 // code 1 and leaves out the threshold below it. See encode_segments for the scalar
 // transcription.
@@ -45,6 +46,7 @@ struct SegmentEncoder {
                                      // side, the lowest on the negative side), plus kFixedCode
   static constexpr float kFixed = 1536.0f;         // 1.5 * 2^10: the sum's last bit is 2^-13
   static constexpr uint32_t kFixedCode = 0x22600;  // the bits of kFixed, shifted right by 13
+  static_assert(kFixedCode == 0x44C00000u >> 13 && (kFixedCode & 0xFFu) == 0, "kFixed's bits are 0x44C00000");
   static constexpr float kMargin = 0x1.8p-13f;
 };
 
@@ -93,6 +95,7 @@ inline uint8_t encode_fast(const FastCodebook& fb, float x) {
 // SegmentEncoder's code for x, lane by lane as simd_avx512.h computes it, or -1 where
 // it refers x to encode_fast (x is within `margin` of a threshold, or not finite).
 inline int encode_segments(const SegmentEncoder& se, float x) {
+  if (x != x) return -1;  // NaN (simd_avx512.h makes every NaN the default one, which is referred)
   if (x == 0.0f) x = -0.0f;
   uint32_t bits;
   std::memcpy(&bits, &x, sizeof bits);

@@ -241,8 +241,9 @@ struct SegmentLanes {
 // codebook.h's encode_segments, lane by lane: no gather, one fma. `refer` gets the
 // lanes it refers to encode_fast (their codes here are meaningless).
 inline __m512i encode_segment_lanes(const SegmentLanes& t, __m512 x, __mmask16& refer) {
-  // +0 and -0 to -0 (vfixupimm's token 7 for the zero class, the value itself otherwise)
-  x = _mm512_fixupimm_ps(x, x, _mm512_set1_epi32(0x11111711), 0);
+  // +0 and -0 to -0 (vfixupimm's token 7 for the zero class), every NaN to the default
+  // NaN (token 3), which the fixed-point test below always refers; other values as they are
+  x = _mm512_fixupimm_ps(x, x, _mm512_set1_epi32(0x11111733), 0);
   const __m512i bits = _mm512_castps_si512(x);
   const __mmask16 negative = _mm512_movepi32_mask(bits);
   const __m512i magnitude = _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF));
