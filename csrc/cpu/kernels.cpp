@@ -18,12 +18,25 @@
 #include <atomic>
 #include <cmath>
 #include <mutex>
+#include <type_traits>
 
 namespace distopt::cpu {
 namespace {
 
 constexpr int64_t kBlockGrain = 16;     // blocks per parallel task
 constexpr int64_t kElementGrain = 4096;  // elements per parallel task
+
+// f(std::integral_constant<int, n>{}) for a state count n in [0, 3]: the loops take it
+// as a template argument.
+template <typename F>
+decltype(auto) with_state_count(int n, F&& f) {
+  switch (n) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    default: return f(std::integral_constant<int, 0>{});
+  }
+}
 
 template <typename P>
 float load(P x) {
@@ -141,20 +154,11 @@ bool update_block_avx512(const Blocked8bit<P>& a, const Rule& rule, const FastCo
 template <typename P, typename Rule>
 bool update_block_avx512(const Blocked8bit<P>& a, const Rule& rule, const FastCodebook* const* books,
                          int64_t b, BlockSpan span, float* p, float (*st)[kBlockSize]) {
-  if (a.gnorm_scale != 1.0f) {
-    switch (a.nstates) {
-      case 1: return update_block_avx512<1, true>(a, rule, books, b, span, p, st);
-      case 2: return update_block_avx512<2, true>(a, rule, books, b, span, p, st);
-      case 3: return update_block_avx512<3, true>(a, rule, books, b, span, p, st);
-      default: return update_block_avx512<0, true>(a, rule, books, b, span, p, st);
-    }
-  }
-  switch (a.nstates) {
-    case 1: return update_block_avx512<1, false>(a, rule, books, b, span, p, st);
-    case 2: return update_block_avx512<2, false>(a, rule, books, b, span, p, st);
-    case 3: return update_block_avx512<3, false>(a, rule, books, b, span, p, st);
-    default: return update_block_avx512<0, false>(a, rule, books, b, span, p, st);
-  }
+  return with_state_count(a.nstates, [&](auto ns) {
+    constexpr int NS = decltype(ns)::value;
+    return a.gnorm_scale != 1.0f ? update_block_avx512<NS, true>(a, rule, books, b, span, p, st)
+                                 : update_block_avx512<NS, false>(a, rule, books, b, span, p, st);
+  });
 }
 #endif
 
@@ -314,12 +318,7 @@ void run_32bit_n(const Elementwise32bit<P>& a, const Rule& rule) {
 
 template <typename P, typename Rule>
 void run_32bit(const Elementwise32bit<P>& a, const Rule& rule) {
-  switch (a.nstates) {
-    case 0: return run_32bit_n<0>(a, rule);
-    case 1: return run_32bit_n<1>(a, rule);
-    case 2: return run_32bit_n<2>(a, rule);
-    default: return run_32bit_n<3>(a, rule);
-  }
+  with_state_count(a.nstates, [&](auto ns) { run_32bit_n<decltype(ns)::value>(a, rule); });
 }
 
 struct AdamWRule {
