@@ -39,7 +39,7 @@ _CAPABILITY_FLAGS = {
         "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
         "-DDISTOPT_CPU_AVX512",  # selects csrc/cpu/simd_avx512.h
     ],
-    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DDISTOPT_CPU_AVX2"],  # selects csrc/cpu/simd_avx2.h
     "DEFAULT": [],
 }
 _CAPABILITY_FLAGS["AVX512VBMI"] = [*_CAPABILITY_FLAGS["AVX512"], "-mavx512vbmi", "-DDISTOPT_CPU_VBMI"]

@@ -8,6 +8,7 @@
 #include "kernels.h"
 
 #include "codebook.h"
+#include "simd_avx2.h"
 #include "simd_avx512.h"
 
 #include <ATen/Parallel.h>
@@ -21,6 +22,17 @@
 #include <type_traits>
 
 namespace distopt::cpu {
+
+// The vector helpers this build targets (simd_avx512.h or simd_avx2.h: one interface,
+// 16 or 8 lanes); without them, the scalar loops below.
+#if defined(DISTOPT_CPU_AVX512)
+namespace simd = avx512;
+#define DISTOPT_CPU_SIMD
+#elif defined(DISTOPT_CPU_AVX2)
+namespace simd = avx2;
+#define DISTOPT_CPU_SIMD
+#endif
+
 namespace {
 
 constexpr int64_t kBlockGrain = 16;     // blocks per parallel task
@@ -57,15 +69,15 @@ float max_abs(const float* x, int64_t n) {
 
 // max_abs, vectorized where the build allows (the same result).
 float block_max_abs(const float* x, int64_t n) {
-#if defined(DISTOPT_CPU_AVX512)
-  return avx512::max_abs16(x, n, max_abs);
+#if defined(DISTOPT_CPU_SIMD)
+  return simd::block_max_abs(x, n, max_abs);
 #endif
   return max_abs(x, n);
 }
 
 void encode_block(const float* x, int64_t n, float absmax, const FastCodebook& book, uint8_t* codes) {
-#if defined(DISTOPT_CPU_AVX512)
-  return avx512::encode16(x, n, absmax, book, codes);
+#if defined(DISTOPT_CPU_SIMD)
+  return simd::encode_block(x, n, absmax, book, codes);
 #endif
   const float inv = inverse_absmax(absmax);
   if (!finite_bits(inv)) {  // a subnormal absmax has no finite reciprocal: divide instead
@@ -87,7 +99,7 @@ BlockSpan block_span(int64_t b, int64_t row_length) {
   return {row * row_length + j * kBlockSize, std::min(kBlockSize, row_length - j * kBlockSize)};
 }
 
-#if defined(DISTOPT_CPU_AVX512)
+#if defined(DISTOPT_CPU_SIMD)
 // Software prefetch of the block this far ahead of the one being updated (its param,
 // gradient and codes; hints only, ignored past the end): the streams are short and many.
 constexpr int64_t kPrefetchDistance = 2;
@@ -107,33 +119,33 @@ void prefetch_ahead(const Blocked8bit<P>& a, int64_t at) {
   }
 }
 
-// One block of run_8bit's block-wise update pass on AVX-512, 16 lanes at a time (masked
-// in a short last block), with simd_avx512.h's lane-exact helpers: each element takes
-// the scalar loop's operations in its order. Returns false, having written nothing,
-// when the block is skipped (a non-finite gradient, or an overflowing new state).
+// One block of run_8bit's block-wise update pass, simd::kLanes lanes at a time (masked
+// in a short last block), with the lane-exact vector helpers: each element takes the
+// scalar loop's operations in its order. Returns false, having written nothing, when
+// the block is skipped (a non-finite gradient, or an overflowing new state).
 // Scaled: gnorm_scale is not 1 (g * 1 is g for the finite gradients that are used).
 template <int NS, bool Scaled, typename P, typename Rule>
-bool update_block_avx512(const Blocked8bit<P>& a, const Rule& rule, const FastCodebook* const* books,
-                         int64_t b, BlockSpan span, float* p, float (*st)[kBlockSize]) {
-  namespace v = avx512;
+bool update_block_simd(const Blocked8bit<P>& a, const Rule& rule, const FastCodebook* const* books,
+                       int64_t b, BlockSpan span, float* p, float (*st)[kBlockSize]) {
+  namespace v = simd;
   const int64_t n = span.length, at = span.start;
   prefetch_ahead(a, at + kPrefetchDistance * kBlockSize);
   for (int s = 0; s < NS; ++s)
     v::decode(a.state[s].codes + at, n, *books[s], a.state[s].absmax[b], st[s]);
   // the update, computed even if a gradient turns out non-finite (nothing is written then)
-  __mmask16 bad = 0;
+  v::Mask bad = 0;
   v::AbsMax new_max[NS > 0 ? NS : 1];
   for (int64_t i = 0; i < n; i += v::kLanes) {
-    const __mmask16 m = v::lanes(n - i);
-    const __m512 g = v::load(a.grad + at + i, m);
+    const v::Mask m = v::lanes(n - i);
+    const auto g = v::load(a.grad + at + i, m);
     bad |= v::nonfinite(g, m);
-    v::V16 pv{v::load(a.param + at + i, m)};
-    v::V16 e[3] = {{_mm512_setzero_ps()}, {_mm512_setzero_ps()}, {_mm512_setzero_ps()}};
-    for (int s = 0; s < NS; ++s) e[s].v = _mm512_loadu_ps(st[s] + i);
-    rule(pv, Scaled ? v::V16{g} * a.gnorm_scale : v::V16{g}, e);
-    _mm512_storeu_ps(p + i, pv.v);
+    v::V pv{v::load(a.param + at + i, m)};
+    v::V e[3] = {v::zero(), v::zero(), v::zero()};
+    for (int s = 0; s < NS; ++s) e[s] = v::loadu(st[s] + i);
+    rule(pv, Scaled ? v::V{g} * a.gnorm_scale : v::V{g}, e);
+    v::storeu(p + i, pv);
     for (int s = 0; s < NS; ++s) {
-      _mm512_storeu_ps(st[s] + i, e[s].v);
+      v::storeu(st[s] + i, e[s]);
       new_max[s].add(e[s].v, m);
     }
   }
@@ -147,17 +159,17 @@ bool update_block_avx512(const Blocked8bit<P>& a, const Rule& rule, const FastCo
   uint8_t* codes[3] = {a.state[0].codes + at, a.state[1].codes + at, a.state[2].codes + at};
   v::encode_states<NS>(values, n, absmax, books, codes);
   for (int s = 0; s < NS; ++s) a.state[s].absmax[b] = absmax[s];
-  for (int64_t i = 0; i < n; i += v::kLanes) v::store(a.param + at + i, v::lanes(n - i), _mm512_loadu_ps(p + i));
+  for (int64_t i = 0; i < n; i += v::kLanes) v::store(a.param + at + i, v::lanes(n - i), v::loadu(p + i).v);
   return true;
 }
 
 template <typename P, typename Rule>
-bool update_block_avx512(const Blocked8bit<P>& a, const Rule& rule, const FastCodebook* const* books,
-                         int64_t b, BlockSpan span, float* p, float (*st)[kBlockSize]) {
+bool update_block_simd(const Blocked8bit<P>& a, const Rule& rule, const FastCodebook* const* books,
+                       int64_t b, BlockSpan span, float* p, float (*st)[kBlockSize]) {
   return with_state_count(a.nstates, [&](auto ns) {
     constexpr int NS = decltype(ns)::value;
-    return a.gnorm_scale != 1.0f ? update_block_avx512<NS, true>(a, rule, books, b, span, p, st)
-                                 : update_block_avx512<NS, false>(a, rule, books, b, span, p, st);
+    return a.gnorm_scale != 1.0f ? update_block_simd<NS, true>(a, rule, books, b, span, p, st)
+                                 : update_block_simd<NS, false>(a, rule, books, b, span, p, st);
   });
 }
 #endif
@@ -185,9 +197,9 @@ void run_8bit(const Blocked8bit<P>& a, const Rule& rule, float* max_out) {
     int64_t local_skipped = 0;
     for (int64_t b = begin; b < end; ++b) {
       const BlockSpan span = block_span(b, a.row_length);
-#if defined(DISTOPT_CPU_AVX512)
+#if defined(DISTOPT_CPU_SIMD)
       if (a.block_wise && max_out == nullptr) {
-        if (!update_block_avx512(a, rule, books, b, span, p, st)) local_skipped += span.length;
+        if (!update_block_simd(a, rule, books, b, span, p, st)) local_skipped += span.length;
         continue;
       }
 #endif
@@ -246,26 +258,26 @@ void run_8bit(const Blocked8bit<P>& a, const Rule& rule, float* max_out) {
   *a.nonfinite_count += skipped.load();
 }
 
-#if defined(DISTOPT_CPU_AVX512)
-// run_32bit_n's loop over [begin, end) on AVX-512, 16 lanes at a time (masked at the
+#if defined(DISTOPT_CPU_SIMD)
+// run_32bit_n's loop over [begin, end), simd::kLanes lanes at a time (masked at the
 // end): each element takes the scalar loop's operations, so it gets the same bits
 // wherever it sits. Returns the count of skipped elements.
 template <int NS, typename P, typename Rule>
-int64_t update_32bit_avx512(const Elementwise32bit<P>& a, const Rule& rule, int64_t begin, int64_t end) {
-  namespace v = avx512;
+int64_t update_32bit_simd(const Elementwise32bit<P>& a, const Rule& rule, int64_t begin, int64_t end) {
+  namespace v = simd;
   int64_t skipped = 0;
   for (int64_t i = begin; i < end; i += v::kLanes) {
-    const __mmask16 m = v::lanes(end - i);
-    const __m512 g = v::load(a.grad + i, m);
-    __mmask16 finite = m & ~v::nonfinite(g, m);
-    v::V16 p{v::load(a.param + i, m)};
-    v::V16 e[3] = {{_mm512_setzero_ps()}, {_mm512_setzero_ps()}, {_mm512_setzero_ps()}};
-    for (int s = 0; s < NS; ++s) e[s].v = _mm512_maskz_loadu_ps(m, a.state[s] + i);
-    rule(p, v::V16{_mm512_maskz_mov_ps(finite, (v::V16{g} * a.gnorm_scale).v)}, e);
+    const v::Mask m = v::lanes(end - i);
+    const auto g = v::load(a.grad + i, m);
+    v::Mask finite = m & ~v::nonfinite(g, m);
+    v::V p{v::load(a.param + i, m)};
+    v::V e[3] = {v::zero(), v::zero(), v::zero()};
+    for (int s = 0; s < NS; ++s) e[s] = v::V{v::load(a.state[s] + i, m)};
+    rule(p, v::keep(finite, v::V{g} * a.gnorm_scale), e);
     for (int s = 0; s < NS; ++s) finite &= ~v::nonfinite(e[s].v, m);  // an overflowing state: skipped too
     v::store(a.param + i, finite, p.v);
-    for (int s = 0; s < NS; ++s) _mm512_mask_storeu_ps(a.state[s] + i, finite, e[s].v);
-    skipped += __builtin_popcount(static_cast<unsigned>(m & ~finite));
+    for (int s = 0; s < NS; ++s) v::store(a.state[s] + i, finite, e[s].v);
+    skipped += v::count(m & ~finite);
   }
   return skipped;
 }
@@ -273,7 +285,7 @@ int64_t update_32bit_avx512(const Elementwise32bit<P>& a, const Rule& rule, int6
 
 // The 32-bit loop over [begin, end), element by element: branch-free over restrict
 // pointers with the state count fixed at compile time (IEEE operations only: the same
-// bits as the AVX-512 loop above). Returns the count of skipped elements.
+// bits as the vector loop above). Returns the count of skipped elements.
 template <int NS, typename P, typename Rule>
 int64_t update_32bit_scalar(const Elementwise32bit<P>& a, const Rule& rule, int64_t begin, int64_t end) {
   P* __restrict__ param = a.param;
@@ -307,8 +319,8 @@ template <int NS, typename P, typename Rule>
 void run_32bit_n(const Elementwise32bit<P>& a, const Rule& rule) {
   std::atomic<int64_t> skipped{0};
   at::parallel_for(0, a.numel, kElementGrain, [&](int64_t begin, int64_t end) {
-#if defined(DISTOPT_CPU_AVX512)
-    skipped += update_32bit_avx512<NS>(a, rule, begin, end);
+#if defined(DISTOPT_CPU_SIMD)
+    skipped += update_32bit_simd<NS>(a, rule, begin, end);
 #else
     skipped += update_32bit_scalar<NS>(a, rule, begin, end);
 #endif
@@ -324,7 +336,7 @@ void run_32bit(const Elementwise32bit<P>& a, const Rule& rule) {
 struct AdamWRule {
   AdamWCoeffs c;
   bool amsgrad;
-  template <typename T>  // float, or avx512::V16
+  template <typename T>  // float, or simd::V
   void operator()(T& p, T g, T* e) const {
     adamw_element(p, g, e[0], e[1], amsgrad ? &e[2] : nullptr, c);
   }
@@ -366,26 +378,6 @@ void sgd32(const Elementwise32bit<P>& a, const SGDCoeffs& c) {
   run_32bit(a, SGDRule{c, a.nstates == 1});
 }
 
-#if defined(DISTOPT_CPU_AVX512)
-// row_sumsq's lanes for one row on AVX-512: element i still goes to lane i % 8, in order
-// (16 elements are two 8-lane steps), and masked or non-finite lanes add +0.0, which
-// leaves a non-negative sum unchanged: the same bits as the scalar loop.
-template <typename P>
-void row_lanes_avx512(const P* row, int64_t row_length, double* lane) {
-  namespace v = avx512;
-  __m512d acc = _mm512_setzero_pd();
-  for (int64_t i = 0; i < row_length; i += v::kLanes) {
-    const __mmask16 m = v::lanes(row_length - i);
-    const __m512 x = _mm512_maskz_mov_ps(m & ~v::nonfinite(v::load(row + i, m), m), v::load(row + i, m));
-    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
-    const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
-    acc = _mm512_add_pd(acc, _mm512_mul_pd(lo, lo));
-    acc = _mm512_add_pd(acc, _mm512_mul_pd(hi, hi));
-  }
-  _mm512_storeu_pd(lane, acc);
-}
-#endif
-
 template <typename P>
 void row_sumsq(const P* grad, int64_t rows, int64_t row_length, double* out) {
   constexpr int64_t kLanes = 8;
@@ -394,8 +386,8 @@ void row_sumsq(const P* grad, int64_t rows, int64_t row_length, double* out) {
                      for (int64_t r = begin; r < end; ++r) {
                        const P* row = grad + r * row_length;
                        double lane[kLanes] = {};
-#if defined(DISTOPT_CPU_AVX512)
-                       row_lanes_avx512(row, row_length, lane);
+#if defined(DISTOPT_CPU_SIMD)
+                       simd::row_sumsq_lanes(row, row_length, lane);
 #else
                        for (int64_t i = 0; i < row_length; ++i) {
                          const float x = load(row[i]);

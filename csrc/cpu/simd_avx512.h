@@ -8,13 +8,13 @@
 //   rounded like the scalar ones; no FMA is written in the update math, and
 //   -ffp-contract=off keeps the compiler from forming one);
 // - `maximum` is the scalar `a > b ? a : b` (a NaN in `a` yields `b`);
-// - encode_states / encode16 give encode_fast's codes: by codebook.h's SegmentEncoder
+// - encode_states / encode_block give encode_fast's codes: by codebook.h's SegmentEncoder
 //   (no gather: permutes and one fma, whose result only picks the code and is proven
 //   exact where it is used; lanes next to a threshold are referred to encode_fast), or
 //   for a map that does not fit it, one gather of FastCodebook::entry (bucket code and
 //   where in the bucket the next threshold lies), one integer comparison, the positive
 //   floor;
-// - max_abs16 returns the scalar max_abs exactly: without NaN, a maximum does not depend
+// - block_max_abs returns the scalar max_abs exactly: without NaN, a maximum does not depend
 //   on the order; with a NaN (whose scalar result depends on its position) it defers to
 //   the scalar fold.
 // Lanes past a block's end are masked: loaded as zeros, never stored.
@@ -40,6 +40,9 @@ constexpr int64_t kLanes = 16;
 struct V16 {
   __m512 v;
 };
+using V = V16;
+using Mask = __mmask16;  // bit i for lane i
+constexpr Mask kAll = 0xFFFF;
 
 inline V16 operator+(V16 a, V16 b) { return {_mm512_add_ps(a.v, b.v)}; }
 inline V16 operator-(V16 a, V16 b) { return {_mm512_sub_ps(a.v, b.v)}; }
@@ -59,8 +62,14 @@ inline V16 maximum(V16 a, V16 b) { return {_mm512_mask_blend_ps(_mm512_cmp_ps_ma
 
 // The lanes [0, n) of a chunk, for n in [0, 16].
 inline __mmask16 lanes(int64_t n) {
-  return n >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u);
+  return n >= kLanes ? kAll : __mmask16((1u << n) - 1u);
 }
+inline int count(Mask m) { return __builtin_popcount(static_cast<unsigned>(m)); }
+
+inline V16 zero() { return {_mm512_setzero_ps()}; }
+inline V16 keep(Mask m, V16 x) { return {_mm512_maskz_mov_ps(m, x.v)}; }  // 0 elsewhere
+inline V16 loadu(const float* x) { return {_mm512_loadu_ps(x)}; }
+inline void storeu(float* out, V16 x) { _mm512_storeu_ps(out, x.v); }
 
 // Exact conversions to fp32 (masked lanes read nothing and hold 0).
 inline __m512 load(const float* x, __mmask16 m) { return _mm512_maskz_loadu_ps(m, x); }
@@ -109,7 +118,7 @@ struct AbsMax {
 };
 
 template <typename Scalar>
-float max_abs16(const float* x, int64_t n, Scalar scalar) {
+float block_max_abs(const float* x, int64_t n, Scalar scalar) {
   AbsMax m;
   for (int64_t i = 0; i < n; i += kLanes) m.add(load(x + i, lanes(n - i)), lanes(n - i));
   return m.result(x, n, scalar);
@@ -325,9 +334,27 @@ void encode_states(const float* const* x, int64_t n, const float* absmax, const 
   }
 }
 
-inline void encode16(const float* x, int64_t n, float absmax, const FastCodebook& fb, uint8_t* codes) {
+inline void encode_block(const float* x, int64_t n, float absmax, const FastCodebook& fb, uint8_t* codes) {
   const FastCodebook* book = &fb;
   encode_states<1>(&x, n, &absmax, &book, &codes);
+}
+
+// kernels.cpp's row_sumsq lanes for one row: element i still goes to lane i % 8, in
+// order (16 elements are two 8-lane steps), and masked or non-finite lanes add +0.0,
+// which leaves a non-negative sum unchanged: the same bits as the scalar loop.
+template <typename P>
+void row_sumsq_lanes(const P* row, int64_t row_length, double* lane) {
+  __m512d acc = _mm512_setzero_pd();
+  for (int64_t i = 0; i < row_length; i += kLanes) {
+    const __mmask16 m = lanes(row_length - i);
+    const __m512 raw = load(row + i, m);
+    const __m512 x = _mm512_maskz_mov_ps(m & ~nonfinite(raw, m), raw);
+    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
+    const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+    acc = _mm512_add_pd(acc, _mm512_mul_pd(lo, lo));
+    acc = _mm512_add_pd(acc, _mm512_mul_pd(hi, hi));
+  }
+  _mm512_storeu_pd(lane, acc);
 }
 
 }  // namespace distopt::cpu::avx512
