@@ -129,6 +129,8 @@ bool update_block_simd(const Blocked8bit<P>& a, const Rule& rule, const FastCode
                        int64_t b, BlockSpan span, float* p, float (*st)[kBlockSize]) {
   namespace v = simd;
   const int64_t n = span.length, at = span.start;
+  const Rule r = rule;  // a local copy: the stores below cannot alias its coefficients
+  const float gnorm_scale = a.gnorm_scale;
   prefetch_ahead(a, at + kPrefetchDistance * kBlockSize);
   for (int s = 0; s < NS; ++s)
     v::decode(a.state[s].codes + at, n, *books[s], a.state[s].absmax[b], st[s]);
@@ -142,7 +144,7 @@ bool update_block_simd(const Blocked8bit<P>& a, const Rule& rule, const FastCode
     v::V pv{v::load(a.param + at + i, m)};
     v::V e[3] = {v::zero(), v::zero(), v::zero()};
     for (int s = 0; s < NS; ++s) e[s] = v::loadu(st[s] + i);
-    rule(pv, Scaled ? v::V{g} * a.gnorm_scale : v::V{g}, e);
+    r.template apply<NS>(pv, Scaled ? v::V{g} * gnorm_scale : v::V{g}, e);
     v::storeu(p + i, pv);
     for (int s = 0; s < NS; ++s) {
       v::storeu(st[s] + i, e[s]);
@@ -265,18 +267,24 @@ void run_8bit(const Blocked8bit<P>& a, const Rule& rule, float* max_out) {
 template <int NS, typename P, typename Rule>
 int64_t update_32bit_simd(const Elementwise32bit<P>& a, const Rule& rule, int64_t begin, int64_t end) {
   namespace v = simd;
+  // local copies: the stores below cannot alias the coefficients or the pointers
+  const Rule r = rule;
+  const float gnorm_scale = a.gnorm_scale;
+  P* const param = a.param;
+  const P* const grad = a.grad;
+  float* const state[3] = {a.state[0], a.state[1], a.state[2]};
   int64_t skipped = 0;
   for (int64_t i = begin; i < end; i += v::kLanes) {
     const v::Mask m = v::lanes(end - i);
-    const auto g = v::load(a.grad + i, m);
+    const auto g = v::load(grad + i, m);
     v::Mask finite = m & ~v::nonfinite(g, m);
-    v::V p{v::load(a.param + i, m)};
+    v::V p{v::load(param + i, m)};
     v::V e[3] = {v::zero(), v::zero(), v::zero()};
-    for (int s = 0; s < NS; ++s) e[s] = v::V{v::load(a.state[s] + i, m)};
-    rule(p, v::keep(finite, v::V{g} * a.gnorm_scale), e);
+    for (int s = 0; s < NS; ++s) e[s] = v::V{v::load(state[s] + i, m)};
+    r.template apply<NS>(p, v::keep(finite, v::V{g} * gnorm_scale), e);
     for (int s = 0; s < NS; ++s) finite &= ~v::nonfinite(e[s].v, m);  // an overflowing state: skipped too
-    v::store(a.param + i, finite, p.v);
-    for (int s = 0; s < NS; ++s) v::store(a.state[s] + i, finite, e[s].v);
+    v::store(param + i, finite, p.v);
+    for (int s = 0; s < NS; ++s) v::store(state[s] + i, finite, e[s].v);
     skipped += v::count(m & ~finite);
   }
   return skipped;
@@ -303,7 +311,7 @@ int64_t update_32bit_scalar(const Elementwise32bit<P>& a, const Rule& rule, int6
     if (NS > 1) old[1] = s1[i];
     if (NS > 2) old[2] = s2[i];
     float p = p0, e[3] = {old[0], old[1], old[2]};
-    rule(p, finite ? g * a.gnorm_scale : 0.0f, e);
+    rule.template apply<NS>(p, finite ? g * a.gnorm_scale : 0.0f, e);
     for (int s = 0; s < NS; ++s) finite &= finite_bits(e[s]);  // an overflowing state: skipped too
     param[i] = finite ? static_cast<P>(p) : param[i];
     if (NS > 0) s0[i] = finite ? e[0] : old[0];
@@ -333,10 +341,18 @@ void run_32bit(const Elementwise32bit<P>& a, const Rule& rule) {
   with_state_count(a.nstates, [&](auto ns) { run_32bit_n<decltype(ns)::value>(a, rule); });
 }
 
+// The update rules on one element (T = float) or one vector (T = simd::V) and its
+// states e[0..2]. The state count says which states a rule has (AdamW: 2, or 3 with
+// amsgrad; SGD: 1 with momentum, else 0; as the ops pass them): `apply<NS>` takes it at
+// compile time (the states stay in registers), operator() at run time.
 struct AdamWRule {
   AdamWCoeffs c;
-  bool amsgrad;
-  template <typename T>  // float, or simd::V
+  bool amsgrad;  // three states: exp_avg, exp_avg_sq, max_exp_avg_sq
+  template <int NS, typename T>
+  void apply(T& p, T g, T* e) const {
+    adamw_element(p, g, e[0], e[1], NS == 3 ? &e[2] : nullptr, c);
+  }
+  template <typename T>
   void operator()(T& p, T g, T* e) const {
     adamw_element(p, g, e[0], e[1], amsgrad ? &e[2] : nullptr, c);
   }
@@ -344,7 +360,11 @@ struct AdamWRule {
 
 struct SGDRule {
   SGDCoeffs c;
-  bool has_buffer;
+  bool has_buffer;  // one state: the momentum buffer
+  template <int NS, typename T>
+  void apply(T& p, T g, T* e) const {
+    sgd_element(p, g, NS >= 1 ? &e[0] : nullptr, c);
+  }
   template <typename T>
   void operator()(T& p, T g, T* e) const {
     sgd_element(p, g, has_buffer ? &e[0] : nullptr, c);
