@@ -261,6 +261,13 @@ void run_8bit(const Blocked8bit<P>& a, const Rule& rule, float* max_out) {
 }
 
 #if defined(DISTOPT_CPU_SIMD)
+// How far ahead the 32-bit loop prefetches each of its streams, in elements, once per
+// 16 elements (a step of 64 bytes of fp32 touches every line once), within the
+// tensor: hints only. On Zen 3 (AVX2, 2 threads) this took SGD32bit from about 0.8 to
+// 1.0x torch's fused SGD and AdamW32bit from about 0.8 to 0.9-1.0x its fused AdamW
+// (interleaved runs); 256 and 1024 were no better.
+constexpr int64_t kStreamAhead = 512;
+
 // run_32bit_n's loop over [begin, end), simd::kLanes lanes at a time (masked at the
 // end): each element takes the scalar loop's operations, so it gets the same bits
 // wherever it sits. Returns the count of skipped elements.
@@ -273,8 +280,14 @@ int64_t update_32bit_simd(const Elementwise32bit<P>& a, const Rule& rule, int64_
   P* const param = a.param;
   const P* const grad = a.grad;
   float* const state[3] = {a.state[0], a.state[1], a.state[2]};
+  const int64_t numel = a.numel;
   int64_t skipped = 0;
   for (int64_t i = begin; i < end; i += v::kLanes) {
+    if ((i - begin) % 16 == 0 && i + kStreamAhead < numel) {
+      _mm_prefetch(reinterpret_cast<const char*>(grad + i + kStreamAhead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(param + i + kStreamAhead), _MM_HINT_T0);
+      for (int s = 0; s < NS; ++s) _mm_prefetch(reinterpret_cast<const char*>(state[s] + i + kStreamAhead), _MM_HINT_T0);
+    }
     const v::Mask m = v::lanes(end - i);
     const auto g = v::load(grad + i, m);
     v::Mask finite = m & ~v::nonfinite(g, m);
