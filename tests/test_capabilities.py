@@ -1,13 +1,16 @@
 """Every CPU capability this machine can run gives the same bits (DESIGN §3.1).
 
-Each capability (DEFAULT: scalar; AVX2; AVX512: the vectorized kernels of
-csrc/cpu/simd_avx512.h; AVX512VBMI: the same with the byte-permute decode) is built and
+Each capability (DEFAULT: scalar; AVX2: the vector loops on csrc/cpu/simd_avx2.h; AVX512:
+the same on csrc/cpu/simd_avx512.h; AVX512VBMI: with the byte-permute decode) is built and
 run in its own subprocess (``DISTOPT_CPU_CAPABILITY`` forces a lower one) on the same
 steps; the parameters, states and skip counts must be
 bitwise identical. The gradients probe the edges of the kernels: short last blocks,
 bf16/fp16 parameters, non-finite gradients, gradients large enough to overflow a state,
-subnormal and zero blocks (the division fallback and the zero absmax), and SGD with
-dampening 1, whose buffer can turn NaN (0 * inf) while its block's absmax stays finite.
+subnormal and zero blocks (the division fallback and the zero absmax), SGD with
+dampening 1, whose buffer can turn NaN (0 * inf) while its block's absmax stays finite,
+NaN parameters with payloads (fp16's is made canonical in every build), rows of 21
+elements (8-lane chunks and a tail of 5), and steps taken while the calling thread
+flushes subnormals (torch.set_flush_denormal: the kernels compute without it).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ assert distopt.functional.use_fused(torch.device("cpu"))
 from distopt import _build
 print("capability:", _build._state["capability"])
 torch.set_num_threads(2)
-SHAPES = [(33, 300), (8, 256), (5, 1000), (7, 3, 40), (4, 17 * 16 + 5)]
+SHAPES = [(33, 300), (8, 256), (5, 1000), (7, 3, 40), (4, 17 * 16 + 5), (6, 21)]
+NAN_BITS = {torch.float32: [0x7FC01234, -0x3FEDCC], torch.bfloat16: [0x7FC1, -0x3F], torch.float16: [0x7E01, 0x7C01]}
 CONFIGS = [
     (distopt.AdamW8bit, {}),
     (distopt.AdamW8bit, {"amsgrad": True, "weight_decay": 0.1}),
@@ -49,23 +53,38 @@ def grad(shape, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     g = torch.randn(shape, generator=gen).reshape(-1)
     n = g.numel()
-    g[0:256] *= 1e-41          # a subnormal block: the division fallback
-    g[256:512] = 0.0           # a zero block: absmax 0
-    g[700] = float("inf") if seed % 2 else float("nan")
-    g[1100:1110] *= 3e38 if dtype == torch.float32 else 1.0  # v overflows
+    if n >= 1110:  # every shape but the short rows
+        g[0:256] *= 1e-41          # a subnormal block: the division fallback
+        g[256:512] = 0.0           # a zero block: absmax 0
+        g[700] = float("inf") if seed % 2 else float("nan")
+        g[1100:1110] *= 3e38 if dtype == torch.float32 else 1.0  # v overflows
     g[n - 3] = -float("inf") if seed % 3 == 0 else g[n - 3]  # in the short last block
     return g.reshape(shape).to(dtype)
 
+def nan_params(params, dtype):
+    # NaNs with payloads (a signalling one for fp16) in the first row of each parameter
+    bits_dtype = torch.int32 if dtype == torch.float32 else torch.int16
+    for p in params:
+        flat = p.detach().view(-1).view(bits_dtype)
+        for k, bits in enumerate(NAN_BITS[dtype]):
+            flat[3 + 4 * k] = bits
+
 digest = hashlib.sha256()
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
-    for cls, kwargs in CONFIGS:
+    for c, (cls, kwargs) in enumerate(CONFIGS):
         gen = torch.Generator().manual_seed(0)
         params = [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in SHAPES]
+        if c % 3 == 0:
+            nan_params(params, dtype)
         opt = cls(params, min_8bit_size=64, **kwargs)
         for step in range(4):
             for i, p in enumerate(params):
                 p.grad = grad(p.shape, dtype, 10 * step + i)
+            if step == 3:  # the gradients are made in the default mode; the step flushes
+                params[0].grad.view(-1)[256:300] = 3e-39  # subnormal in fp32
+                torch.set_flush_denormal(True)
             opt.step()
+            torch.set_flush_denormal(False)
         for p in params:
             digest.update(p.detach().reshape(-1).view(torch.uint8).numpy().tobytes())
             for key in sorted(opt.state[p]):

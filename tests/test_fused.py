@@ -17,6 +17,7 @@ from tests.registry import (
     SHAPES,
     assert_bitwise_equal,
     clone_params,
+    make_grads,
     make_params,
     run_steps,
     state_tensors,
@@ -82,6 +83,35 @@ def test_results_do_not_depend_on_thread_count(kernels_built, case):
         assert_bitwise_equal(a.detach(), b.detach())
     for x, y in zip(s1, s2):
         assert x.keys() == y.keys()
+        for key in x:
+            assert_bitwise_equal(x[key], y[key])
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_results_do_not_depend_on_flush_denormal_mode(kernels_built, case, n_threads):
+    """The kernels compute in the default IEEE mode even when the caller's thread flushes
+    subnormals (torch.set_flush_denormal(True)): on gradients scaled into the subnormals
+    (states, absmax and updates among them) the results are bitwise those without it."""
+    shapes = [(33, 300), (20, 16), (300,)]
+    runs = []
+    for flush in (False, True):
+        params = make_params(shapes)
+        with threads(n_threads), backend("fused"):
+            opt = case.make(params)
+            for k in range(3):
+                for p, g in zip(params, make_grads(params, 100 + k, scale=1e-39)):
+                    p.grad = g
+                assert torch.set_flush_denormal(flush)  # the gradients are made without it
+                try:
+                    opt.step()
+                finally:
+                    torch.set_flush_denormal(False)
+        runs.append((params, state_tensors(opt, params)))
+    (p1, s1), (p2, s2) = runs
+    for a, b in zip(p1, p2):
+        assert_bitwise_equal(a.detach(), b.detach())
+    for x, y in zip(s1, s2):
         for key in x:
             assert_bitwise_equal(x[key], y[key])
 

@@ -8,6 +8,7 @@
 #include "kernels.h"
 
 #include "codebook.h"
+#include "dtype.h"
 #include "simd_avx2.h"
 #include "simd_avx512.h"
 
@@ -20,6 +21,10 @@
 #include <cmath>
 #include <mutex>
 #include <type_traits>
+
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 namespace distopt::cpu {
 
@@ -55,6 +60,38 @@ float load(P x) {
   return static_cast<float>(x);
 }
 
+// The kernels compute in the default IEEE mode whatever the calling thread set (say,
+// torch.set_flush_denormal(True), which sets flush-to-zero and denormals-are-zero):
+// each task runs with x86's MXCSR at its power-on value (round to nearest, no flushing,
+// exceptions masked) and restores the caller's after. Otherwise a flushing mode would
+// make the bitwise max-abs and the compare-based scalar one disagree on subnormals,
+// and results depend on which thread, with which mode, ran a block.
+#if defined(__SSE__)
+class IeeeMode {
+ public:
+  IeeeMode() : saved_(_mm_getcsr()) { _mm_setcsr(kDefault); }
+  ~IeeeMode() { _mm_setcsr(saved_); }
+  IeeeMode(const IeeeMode&) = delete;
+  IeeeMode& operator=(const IeeeMode&) = delete;
+
+ private:
+  static constexpr unsigned kDefault = 0x1F80;
+  unsigned saved_;
+};
+#else
+struct IeeeMode {};  // elsewhere than x86 the mode is left as it is
+#endif
+
+// at::parallel_for, every task in the default IEEE mode.
+template <typename F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  at::parallel_for(begin, end, grain, [&](int64_t lo, int64_t hi) {
+    IeeeMode mode;
+    f(lo, hi);
+  });
+}
+
+
 bool all_finite(const float* x, int64_t n) {
   bool finite = true;
   for (int64_t i = 0; i < n; ++i) finite &= finite_bits(x[i]);
@@ -70,14 +107,19 @@ float max_abs(const float* x, int64_t n) {
 // max_abs, vectorized where the build allows (the same result).
 float block_max_abs(const float* x, int64_t n) {
 #if defined(DISTOPT_CPU_SIMD)
-  return simd::block_max_abs(x, n, max_abs);
-#endif
+  simd::AbsMax m;
+  for (int64_t i = 0; i < n; i += simd::kLanes) m.add(simd::load(x + i, simd::lanes(n - i)), simd::lanes(n - i));
+  return m.result(x, n, max_abs);
+#else
   return max_abs(x, n);
+#endif
 }
 
+// The codes of one block (n <= kBlockSize) of x scaled by 1 / absmax.
 void encode_block(const float* x, int64_t n, float absmax, const FastCodebook& book, uint8_t* codes) {
 #if defined(DISTOPT_CPU_SIMD)
-  return simd::encode_block(x, n, absmax, book, codes);
+  const FastCodebook* books = &book;
+  return simd::encode_states<1>(&x, n, &absmax, &books, &codes);
 #endif
   const float inv = inverse_absmax(absmax);
   if (!finite_bits(inv)) {  // a subnormal absmax has no finite reciprocal: divide instead
@@ -165,15 +207,6 @@ bool update_block_simd(const Blocked8bit<P>& a, const Rule& rule, const FastCode
   return true;
 }
 
-template <typename P, typename Rule>
-bool update_block_simd(const Blocked8bit<P>& a, const Rule& rule, const FastCodebook* const* books,
-                       int64_t b, BlockSpan span, float* p, float (*st)[kBlockSize]) {
-  return with_state_count(a.nstates, [&](auto ns) {
-    constexpr int NS = decltype(ns)::value;
-    return a.gnorm_scale != 1.0f ? update_block_simd<NS, true>(a, rule, books, b, span, p, st)
-                                 : update_block_simd<NS, false>(a, rule, books, b, span, p, st);
-  });
-}
 #endif
 
 // The 8-bit driver: for each block, dequantize the states, apply `rule` to each element
@@ -183,9 +216,9 @@ bool update_block_simd(const Blocked8bit<P>& a, const Rule& rule, const FastCode
 // Non-finite gradients (DESIGN §3.5): block-wise, the whole block is left untouched;
 // with one absmax per tensor, its parameters are untouched and its states carry their
 // old values forward, re-encoded with the new absmax.
-template <typename P, typename Rule>
-void run_8bit(const Blocked8bit<P>& a, const Rule& rule, float* max_out) {
-  const int ns = a.nstates;
+template <int NS, typename P, typename Rule>
+void run_8bit_n(const Blocked8bit<P>& a, const Rule& rule, float* max_out) {
+  constexpr int ns = NS;
   const FastCodebook* books[3] = {nullptr, nullptr, nullptr};
   for (int s = 0; s < ns; ++s) books[s] = &fast_codebook(a.state[s].qmap);
   const int64_t nblocks = a.rows * ceil_div(a.row_length, kBlockSize);
@@ -193,7 +226,7 @@ void run_8bit(const Blocked8bit<P>& a, const Rule& rule, float* max_out) {
   std::mutex max_mutex;
   float max_all[3] = {0.0f, 0.0f, 0.0f};
 
-  at::parallel_for(0, nblocks, kBlockGrain, [&](int64_t begin, int64_t end) {
+  parallel_for(0, nblocks, kBlockGrain, [&](int64_t begin, int64_t end) {
     float p[kBlockSize], g[kBlockSize], st[3][kBlockSize];
     float local_max[3] = {0.0f, 0.0f, 0.0f};
     int64_t local_skipped = 0;
@@ -201,7 +234,9 @@ void run_8bit(const Blocked8bit<P>& a, const Rule& rule, float* max_out) {
       const BlockSpan span = block_span(b, a.row_length);
 #if defined(DISTOPT_CPU_SIMD)
       if (a.block_wise && max_out == nullptr) {
-        if (!update_block_simd(a, rule, books, b, span, p, st)) local_skipped += span.length;
+        const bool done = a.gnorm_scale != 1.0f ? update_block_simd<NS, true>(a, rule, books, b, span, p, st)
+                                                : update_block_simd<NS, false>(a, rule, books, b, span, p, st);
+        if (!done) local_skipped += span.length;
         continue;
       }
 #endif
@@ -221,7 +256,7 @@ void run_8bit(const Blocked8bit<P>& a, const Rule& rule, float* max_out) {
         for (int64_t i = 0; i < n; ++i) {
           p[i] = load(a.param[at + i]);
           float e[3] = {st[0][i], st[1][i], st[2][i]};
-          rule(p[i], g[i] * a.gnorm_scale, e);
+          rule.template apply<NS>(p[i], g[i] * a.gnorm_scale, e);
           for (int s = 0; s < ns; ++s) st[s][i] = e[s];
         }
         // a finite gradient so large that a new state overflows is skipped the same way
@@ -240,7 +275,7 @@ void run_8bit(const Blocked8bit<P>& a, const Rule& rule, float* max_out) {
         if (a.block_wise) a.state[s].absmax[b] = absmax;
       }
       if (finite) {
-        for (int64_t i = 0; i < n; ++i) a.param[at + i] = static_cast<P>(p[i]);
+        for (int64_t i = 0; i < n; ++i) a.param[at + i] = to_param<P>(p[i]);
       }
     }
     skipped += local_skipped;
@@ -258,6 +293,11 @@ void run_8bit(const Blocked8bit<P>& a, const Rule& rule, float* max_out) {
     for (int s = 0; s < ns; ++s) a.state[s].absmax[0] = a.new_absmax[s];
   }
   *a.nonfinite_count += skipped.load();
+}
+
+template <typename P, typename Rule>
+void run_8bit(const Blocked8bit<P>& a, const Rule& rule, float* max_out) {
+  with_state_count(a.nstates, [&](auto ns) { run_8bit_n<decltype(ns)::value>(a, rule, max_out); });
 }
 
 #if defined(DISTOPT_CPU_SIMD)
@@ -326,7 +366,7 @@ int64_t update_32bit_scalar(const Elementwise32bit<P>& a, const Rule& rule, int6
     float p = p0, e[3] = {old[0], old[1], old[2]};
     rule.template apply<NS>(p, finite ? g * a.gnorm_scale : 0.0f, e);
     for (int s = 0; s < NS; ++s) finite &= finite_bits(e[s]);  // an overflowing state: skipped too
-    param[i] = finite ? static_cast<P>(p) : param[i];
+    param[i] = finite ? to_param<P>(p) : param[i];
     if (NS > 0) s0[i] = finite ? e[0] : old[0];
     if (NS > 1) s1[i] = finite ? e[1] : old[1];
     if (NS > 2) s2[i] = finite ? e[2] : old[2];
@@ -339,7 +379,7 @@ int64_t update_32bit_scalar(const Elementwise32bit<P>& a, const Rule& rule, int6
 template <int NS, typename P, typename Rule>
 void run_32bit_n(const Elementwise32bit<P>& a, const Rule& rule) {
   std::atomic<int64_t> skipped{0};
-  at::parallel_for(0, a.numel, kElementGrain, [&](int64_t begin, int64_t end) {
+  parallel_for(0, a.numel, kElementGrain, [&](int64_t begin, int64_t end) {
 #if defined(DISTOPT_CPU_SIMD)
     skipped += update_32bit_simd<NS>(a, rule, begin, end);
 #else
@@ -355,32 +395,22 @@ void run_32bit(const Elementwise32bit<P>& a, const Rule& rule) {
 }
 
 // The update rules on one element (T = float) or one vector (T = simd::V) and its
-// states e[0..2]. The state count says which states a rule has (AdamW: 2, or 3 with
-// amsgrad; SGD: 1 with momentum, else 0; as the ops pass them): `apply<NS>` takes it at
-// compile time (the states stay in registers), operator() at run time.
+// states e[0..2], with the state count NS at compile time (the states stay in
+// registers). It says which states a rule has, as the ops pass them: AdamW 2, or 3
+// with amsgrad (max_exp_avg_sq); SGD 1 with momentum, else 0.
 struct AdamWRule {
   AdamWCoeffs c;
-  bool amsgrad;  // three states: exp_avg, exp_avg_sq, max_exp_avg_sq
   template <int NS, typename T>
   void apply(T& p, T g, T* e) const {
     adamw_element(p, g, e[0], e[1], NS == 3 ? &e[2] : nullptr, c);
-  }
-  template <typename T>
-  void operator()(T& p, T g, T* e) const {
-    adamw_element(p, g, e[0], e[1], amsgrad ? &e[2] : nullptr, c);
   }
 };
 
 struct SGDRule {
   SGDCoeffs c;
-  bool has_buffer;  // one state: the momentum buffer
   template <int NS, typename T>
   void apply(T& p, T g, T* e) const {
     sgd_element(p, g, NS >= 1 ? &e[0] : nullptr, c);
-  }
-  template <typename T>
-  void operator()(T& p, T g, T* e) const {
-    sgd_element(p, g, has_buffer ? &e[0] : nullptr, c);
   }
 };
 
@@ -388,33 +418,33 @@ struct SGDRule {
 
 template <typename P>
 void adamw8bit(const Blocked8bit<P>& a, const AdamWCoeffs& c) {
-  run_8bit(a, AdamWRule{c, a.nstates == 3}, nullptr);
+  run_8bit(a, AdamWRule{c}, nullptr);
 }
 template <typename P>
 void adamw8bit_new_absmax(const Blocked8bit<P>& a, const AdamWCoeffs& c, float* out) {
-  run_8bit(a, AdamWRule{c, a.nstates == 3}, out);
+  run_8bit(a, AdamWRule{c}, out);
 }
 template <typename P>
 void sgd8bit(const Blocked8bit<P>& a, const SGDCoeffs& c) {
-  run_8bit(a, SGDRule{c, true}, nullptr);
+  run_8bit(a, SGDRule{c}, nullptr);
 }
 template <typename P>
 void sgd8bit_new_absmax(const Blocked8bit<P>& a, const SGDCoeffs& c, float* out) {
-  run_8bit(a, SGDRule{c, true}, out);
+  run_8bit(a, SGDRule{c}, out);
 }
 template <typename P>
 void adamw32(const Elementwise32bit<P>& a, const AdamWCoeffs& c) {
-  run_32bit(a, AdamWRule{c, a.nstates == 3});
+  run_32bit(a, AdamWRule{c});
 }
 template <typename P>
 void sgd32(const Elementwise32bit<P>& a, const SGDCoeffs& c) {
-  run_32bit(a, SGDRule{c, a.nstates == 1});
+  run_32bit(a, SGDRule{c});
 }
 
 template <typename P>
 void row_sumsq(const P* grad, int64_t rows, int64_t row_length, double* out) {
   constexpr int64_t kLanes = 8;
-  at::parallel_for(0, rows, std::max<int64_t>(1, kElementGrain / std::max<int64_t>(row_length, 1)),
+  parallel_for(0, rows, std::max<int64_t>(1, kElementGrain / std::max<int64_t>(row_length, 1)),
                    [&](int64_t begin, int64_t end) {
                      for (int64_t r = begin; r < end; ++r) {
                        const P* row = grad + r * row_length;
@@ -441,13 +471,14 @@ void quantize_blockwise(const float* x, int64_t rows, int64_t row_length, bool b
   const int64_t nblocks = rows * ceil_div(row_length, kBlockSize);
   float global = 0.0f;
   if (!block_wise) {
+    IeeeMode mode;
     for (int64_t b = 0; b < nblocks; ++b) {
       const BlockSpan span = block_span(b, row_length);
       global = maximum(global, block_max_abs(x + span.start, span.length));
     }
     absmax[0] = global;
   }
-  at::parallel_for(0, nblocks, kBlockGrain, [&](int64_t begin, int64_t end) {
+  parallel_for(0, nblocks, kBlockGrain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const BlockSpan span = block_span(b, row_length);
       const float scale = block_wise ? block_max_abs(x + span.start, span.length) : global;
@@ -460,7 +491,7 @@ void quantize_blockwise(const float* x, int64_t rows, int64_t row_length, bool b
 void dequantize_blockwise(const uint8_t* codes, const float* absmax, int64_t rows,
                           int64_t row_length, bool block_wise, const float* qmap, float* out) {
   const int64_t nblocks = rows * ceil_div(row_length, kBlockSize);
-  at::parallel_for(0, nblocks, kBlockGrain, [&](int64_t begin, int64_t end) {
+  parallel_for(0, nblocks, kBlockGrain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const BlockSpan span = block_span(b, row_length);
       const float scale = absmax[block_wise ? b : 0];

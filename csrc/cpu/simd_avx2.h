@@ -8,13 +8,14 @@
 // - V8 carries 8 fp32 lanes through optim_math.h's rules with the same correctly
 //   rounded IEEE operations in the same order (no FMA: -ffp-contract=off);
 // - `maximum` is the scalar `a > b ? a : b`;
-// - encode_block / encode_states give encode_fast's codes through one lookup of
-//   FastCodebook's 32-bit entries (bucket code, and where in the bucket the next
-//   threshold lies), one integer comparison and the positive floor;
-// - block_max_abs returns the scalar max_abs exactly (a NaN defers to the scalar fold).
-// AVX2 has no mask registers: a Mask is a bit set (bit i for lane i). Loads take a
-// prefix mask (the lanes [0, n) of a chunk, from `lanes`); lanes past it read nothing
-// and hold 0. Stores take any mask and leave the other lanes untouched.
+// - encode_states gives encode_fast's codes through one lookup of FastCodebook's
+//   32-bit entries (bucket code, and where in the bucket the next threshold lies), one
+//   integer comparison and the positive floor;
+// - AbsMax gives the scalar max_abs exactly (a NaN defers to the scalar fold).
+// AVX2 has no mask registers: a Mask is a bit set (bit i for lane i). Loads and
+// store_codes take a prefix mask (the lanes [0, n) of a chunk, from `lanes`); lanes
+// past it are not read (they hold 0) or not written. The value stores take any mask
+// and leave the other lanes untouched.
 #pragma once
 
 #if defined(DISTOPT_CPU_AVX2)
@@ -28,6 +29,7 @@
 #include <cstring>
 
 #include "codebook.h"
+#include "dtype.h"
 
 namespace distopt::cpu::avx2 {
 
@@ -117,11 +119,11 @@ inline void store(c10::BFloat16* out, Mask m, __m256 x) {  // c10's round_to_nea
     if ((m >> i) & 1) std::memcpy(out + i, lane + i, sizeof lane[i]);
   }
 }
-inline void store(c10::Half* out, Mask m, __m256 x) {  // c10's own conversion, element by element
+inline void store(c10::Half* out, Mask m, __m256 x) {  // dtype.h's conversion, element by element
   alignas(32) float lane[kLanes];
   _mm256_store_ps(lane, x);
   for (int i = 0; i < kLanes; ++i) {
-    if ((m >> i) & 1) out[i] = static_cast<c10::Half>(lane[i]);
+    if ((m >> i) & 1) out[i] = to_param<c10::Half>(lane[i]);
   }
 }
 
@@ -151,17 +153,10 @@ struct AbsMax {
   }
 };
 
-template <typename Scalar>
-float block_max_abs(const float* x, int64_t n, Scalar scalar) {
-  AbsMax m;
-  for (int64_t i = 0; i < n; i += kLanes) m.add(load(x + i, lanes(n - i)), lanes(n - i));
-  return m.result(x, n, scalar);
-}
-
 // map[code] * scale for n codes; lanes past n decode code 0 and are stored too (the
 // buffer has room for whole chunks). Eight scalar loads a chunk: on Zen 3 they take
 // about 0.6 of the time of one vgatherdps (measured), and Intel's gathers slowed under
-// the Gather Data Sampling mitigation.
+// the Gather Data Sampling mitigation; so does table_lookup below.
 inline void decode(const uint8_t* codes, int64_t n, const FastCodebook& fb, float scale, float* out) {
   const float* value = fb.book.value;
   const __m256 s = _mm256_set1_ps(scale);
@@ -180,9 +175,8 @@ inline void decode(const uint8_t* codes, int64_t n, const FastCodebook& fb, floa
 }
 
 // table[index] lane by lane, without vpgatherdd: the indices leave the register two
-// at a time (vmovq / vpextrq), eight scalar loads fill the lanes (vpinsrd). On Zen 3
-// this takes 0.6 of the gather's time (measured); Intel's gathers slowed under the
-// Gather Data Sampling mitigation.
+// at a time (vmovq / vpextrq), eight scalar loads fill the lanes (vpinsrd): on Zen 3,
+// 0.6 of vpgatherdd's time (measured).
 inline __m256i table_lookup(const uint32_t* table, __m256i index) {
   auto four = [table](__m128i half) {
     const uint64_t i01 = static_cast<uint64_t>(_mm_cvtsi128_si64(half));
@@ -197,8 +191,8 @@ inline __m256i table_lookup(const uint32_t* table, __m256i index) {
 }
 
 // FastCodebook entries for the lanes of `bits`, as simd_avx512.h's `entries`: one
-// table_lookup in the L1-sized `compact`, or in `entry` when a lane lies outside it. The integer
-// comparisons are signed: every operand is below 2^31.
+// table_lookup in the L1-sized `compact`, or in `entry` when a lane lies outside it.
+// The integer comparisons are signed: every operand is below 2^31.
 inline __m256i entries(const FastCodebook& fb, __m256i bits) {
   const __m256i bucket = _mm256_srli_epi32(bits, 16);
   const __m256i magnitude = _mm256_and_si256(bucket, _mm256_set1_epi32(0x7FFF));
@@ -226,7 +220,8 @@ inline __m256i encode_lanes(const FastCodebook& fb, __m256 x) {
   return _mm256_blendv_epi8(nearest, _mm256_set1_epi32(fb.positive_floor), floor);
 }
 
-// The low bytes of the lanes of `code` in m, stored at out (other bytes untouched).
+// The low bytes of the lanes of `code` in the prefix mask m, stored at out (the bytes
+// past them untouched).
 inline void store_codes(uint8_t* out, Mask m, __m256i code) {
   const __m256i low_bytes = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
                                              0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
@@ -258,10 +253,6 @@ void encode_states(const float* const* x, int64_t n, const float* absmax, const 
   }
 }
 
-inline void encode_block(const float* x, int64_t n, float absmax, const FastCodebook& fb, uint8_t* codes) {
-  const FastCodebook* book = &fb;
-  encode_states<1>(&x, n, &absmax, &book, &codes);
-}
 
 // kernels.cpp's row_sumsq lanes for one row: element i goes to lane i % 8, in order;
 // non-finite and masked lanes add +0.0 (the same bits as the scalar loop).

@@ -1,4 +1,4 @@
-// AVX-512 building blocks for the 8-bit CPU kernels (kernels.cpp), compiled only when
+// AVX-512 building blocks for the CPU kernels (kernels.cpp), compiled only when
 // the build targets AVX512 (_build.py defines DISTOPT_CPU_AVX512 with -mavx512f/bw/vl/dq).
 //
 // Every helper is a lane-by-lane transcription of its scalar counterpart, so a lane
@@ -8,16 +8,17 @@
 //   rounded like the scalar ones; no FMA is written in the update math, and
 //   -ffp-contract=off keeps the compiler from forming one);
 // - `maximum` is the scalar `a > b ? a : b` (a NaN in `a` yields `b`);
-// - encode_states / encode_block give encode_fast's codes: by codebook.h's SegmentEncoder
+// - encode_states gives encode_fast's codes: by codebook.h's SegmentEncoder
 //   (no gather: permutes and one fma, whose result only picks the code and is proven
 //   exact where it is used; lanes next to a threshold are referred to encode_fast), or
 //   for a map that does not fit it, one gather of FastCodebook::entry (bucket code and
 //   where in the bucket the next threshold lies), one integer comparison, the positive
 //   floor;
-// - block_max_abs returns the scalar max_abs exactly: without NaN, a maximum does not depend
-//   on the order; with a NaN (whose scalar result depends on its position) it defers to
+// - AbsMax gives the scalar max_abs exactly: without NaN, a maximum does not depend on
+//   the order; with a NaN (whose scalar result depends on its position) it defers to
 //   the scalar fold.
-// Lanes past a block's end are masked: loaded as zeros, never stored.
+// Lanes past a block's end are masked: loaded as zeros, never stored to the tensors
+// (the kernels' stack buffers take whole chunks).
 #pragma once
 
 #if defined(DISTOPT_CPU_AVX512)
@@ -32,6 +33,7 @@
 #include <type_traits>
 
 #include "codebook.h"
+#include "dtype.h"
 
 namespace distopt::cpu::avx512 {
 
@@ -89,11 +91,11 @@ inline void store(c10::BFloat16* out, __mmask16 m, __m512 x) {  // c10's round_t
   rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
   _mm512_mask_cvtepi32_storeu_epi16(out, m, rounded);
 }
-inline void store(c10::Half* out, __mmask16 m, __m512 x) {  // c10's own conversion, element by element
+inline void store(c10::Half* out, __mmask16 m, __m512 x) {  // dtype.h's conversion, element by element
   alignas(64) float lane[kLanes];
   _mm512_store_ps(lane, x);
   for (int i = 0; i < kLanes; ++i) {
-    if ((m >> i) & 1) out[i] = static_cast<c10::Half>(lane[i]);
+    if ((m >> i) & 1) out[i] = to_param<c10::Half>(lane[i]);
   }
 }
 
@@ -117,12 +119,6 @@ struct AbsMax {
   }
 };
 
-template <typename Scalar>
-float block_max_abs(const float* x, int64_t n, Scalar scalar) {
-  AbsMax m;
-  for (int64_t i = 0; i < n; i += kLanes) m.add(load(x + i, lanes(n - i)), lanes(n - i));
-  return m.result(x, n, scalar);
-}
 
 // Whether any lane of `x` in `m` is infinite or NaN (the exponent field all ones).
 inline __mmask16 nonfinite(__m512 x, __mmask16 m) {
@@ -334,10 +330,6 @@ void encode_states(const float* const* x, int64_t n, const float* absmax, const 
   }
 }
 
-inline void encode_block(const float* x, int64_t n, float absmax, const FastCodebook& fb, uint8_t* codes) {
-  const FastCodebook* book = &fb;
-  encode_states<1>(&x, n, &absmax, &book, &codes);
-}
 
 // kernels.cpp's row_sumsq lanes for one row: element i still goes to lane i % 8, in
 // order (16 elements are two 8-lane steps), and masked or non-finite lanes add +0.0,
