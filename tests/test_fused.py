@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import distopt
 from tests.conftest import backend, threads
 from tests.registry import (
     CASES,
@@ -114,6 +115,49 @@ def test_results_do_not_depend_on_flush_denormal_mode(kernels_built, case, n_thr
     for x, y in zip(s1, s2):
         for key in x:
             assert_bitwise_equal(x[key], y[key])
+
+
+def test_ops_do_not_depend_on_flush_denormal_mode(kernels_built):
+    """The codec and the row norms on subnormal values, and a step whose coefficient eps
+    and gradient scale are subnormal as fp32, flushing or not (ieee_mode.h)."""
+    from distopt import _ops, quant
+
+    ops = _ops.ops()
+    x = torch.randn(6, 300) * 1e-39
+    q = quant.qmap(True)
+    codes, absmax = ops.quantize_blockwise(x, q, True)
+
+    def run(flush):
+        p, g = torch.ones(3, 100), torch.zeros(3, 100)
+        m, v = torch.zeros_like(p), torch.zeros_like(p)
+        count = torch.zeros((), dtype=torch.long)
+        assert torch.set_flush_denormal(flush)
+        try:
+            out = [*ops.quantize_blockwise(x, q, True), ops.dequantize_blockwise(codes, absmax, q), ops.row_sumsq(x)]
+            # zero gradients, eps 1e-40: 0 / eps is 0 (a flushed eps would give 0 / 0)
+            ops.adamw32_(p, g, m, v, None, torch.tensor(1e-40), count, 1.0, 0.1, 0.999, 0.001, 1e-40, 0.001, 1.0)
+        finally:
+            torch.set_flush_denormal(False)
+        return [*out, p]
+
+    for a, b in zip(run(False), run(True)):
+        assert_bitwise_equal(a, b)
+
+
+def test_fp16_nan_parameters_match_the_reference(kernels_built):
+    """An fp16 parameter's NaNs come out of a fused step with the bits torch's own
+    conversion gives them on the reference path (dtype.h's to_param)."""
+    bits = torch.tensor([0x7E01, 0x7C01, -0x1FF, 0x7FFF], dtype=torch.int16)
+    results = []
+    for path in ("fused", "reference"):
+        p = torch.ones(4, 64, dtype=torch.float16)
+        p.view(-1).view(torch.int16)[:4] = bits
+        p.requires_grad_()
+        p.grad = torch.full_like(p, 0.5)
+        with backend(path):
+            distopt.AdamW32bit([p], lr=0.1).step()
+        results.append(p.detach().clone())
+    assert_bitwise_equal(results[0], results[1])
 
 
 OFFSET_ROWS = 7

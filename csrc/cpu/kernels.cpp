@@ -9,6 +9,7 @@
 
 #include "codebook.h"
 #include "dtype.h"
+#include "ieee_mode.h"
 #include "simd_avx2.h"
 #include "simd_avx512.h"
 
@@ -21,10 +22,6 @@
 #include <cmath>
 #include <mutex>
 #include <type_traits>
-
-#if defined(__SSE__)
-#include <xmmintrin.h>
-#endif
 
 namespace distopt::cpu {
 
@@ -60,29 +57,7 @@ float load(P x) {
   return static_cast<float>(x);
 }
 
-// The kernels compute in the default IEEE mode whatever the calling thread set (say,
-// torch.set_flush_denormal(True), which sets flush-to-zero and denormals-are-zero):
-// each task runs with x86's MXCSR at its power-on value (round to nearest, no flushing,
-// exceptions masked) and restores the caller's after. Otherwise a flushing mode would
-// make the bitwise max-abs and the compare-based scalar one disagree on subnormals,
-// and results depend on which thread, with which mode, ran a block.
-#if defined(__SSE__)
-class IeeeMode {
- public:
-  IeeeMode() : saved_(_mm_getcsr()) { _mm_setcsr(kDefault); }
-  ~IeeeMode() { _mm_setcsr(saved_); }
-  IeeeMode(const IeeeMode&) = delete;
-  IeeeMode& operator=(const IeeeMode&) = delete;
-
- private:
-  static constexpr unsigned kDefault = 0x1F80;
-  unsigned saved_;
-};
-#else
-struct IeeeMode {};  // elsewhere than x86 the mode is left as it is
-#endif
-
-// at::parallel_for, every task in the default IEEE mode.
+// at::parallel_for, every task in the default IEEE mode (ieee_mode.h).
 template <typename F>
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   at::parallel_for(begin, end, grain, [&](int64_t lo, int64_t hi) {
@@ -470,8 +445,7 @@ void quantize_blockwise(const float* x, int64_t rows, int64_t row_length, bool b
   const FastCodebook& book = fast_codebook(qmap);
   const int64_t nblocks = rows * ceil_div(row_length, kBlockSize);
   float global = 0.0f;
-  if (!block_wise) {
-    IeeeMode mode;
+  if (!block_wise) {  // on the calling thread, in the mode ops.cpp set
     for (int64_t b = 0; b < nblocks; ++b) {
       const BlockSpan span = block_span(b, row_length);
       global = maximum(global, block_max_abs(x + span.start, span.length));

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "../common/host_tensor.h"
+#include "ieee_mode.h"
 #include "kernels.h"
 
 namespace distopt::cpu {
@@ -111,6 +112,7 @@ void adamw8bit_op(Tensor param, const Tensor& grad, Tensor m, Tensor m_absmax, T
                 const Tensor& unsigned_qmap, const c10::optional<Tensor>& new_absmax, const Tensor& gnorm_scale,
                 Tensor nonfinite_count, double decay, double lerp_weight, double beta2, double sq_weight,
                 double eps, double step_size, double bias_correction2_sqrt) {
+  IeeeMode mode;  // ieee_mode.h
   check_pair(param, grad);
   auto states = adamw_states(param, m, m_absmax, v, v_absmax, vmax, vmax_absmax, signed_qmap, unsigned_qmap);
   const bool block_wise = block_wise_of(param, m_absmax, new_absmax, states.size(), true);
@@ -128,6 +130,7 @@ Tensor adamw8bit_new_absmax_op(const Tensor& param, const Tensor& grad, const Te
                             const Tensor& unsigned_qmap, const Tensor& gnorm_scale, double decay,
                             double lerp_weight, double beta2, double sq_weight, double eps, double step_size,
                             double bias_correction2_sqrt) {
+  IeeeMode mode;  // ieee_mode.h
   check_pair(param, grad);
   auto states = adamw_states(param, m, m_absmax, v, v_absmax, vmax, vmax_absmax, signed_qmap, unsigned_qmap);
   TORCH_CHECK(m_absmax.numel() == 1, "distopt: adamw8bit_new_absmax is for states with one absmax per tensor");
@@ -144,6 +147,7 @@ Tensor adamw8bit_new_absmax_op(const Tensor& param, const Tensor& grad, const Te
 void sgd8bit_op(Tensor param, const Tensor& grad, Tensor buf, Tensor buf_absmax, const Tensor& signed_qmap,
               const c10::optional<Tensor>& new_absmax, const Tensor& gnorm_scale, Tensor nonfinite_count, double lr,
               double weight_decay, double momentum, double dampening_weight, bool nesterov, bool first_step) {
+  IeeeMode mode;  // ieee_mode.h
   check_pair(param, grad);
   std::vector<QuantState> states{quant_state(param, buf, buf_absmax, signed_qmap, "momentum_buffer")};
   const bool block_wise = block_wise_of(param, buf_absmax, new_absmax, 1, true);
@@ -157,6 +161,7 @@ void sgd8bit_op(Tensor param, const Tensor& grad, Tensor buf, Tensor buf_absmax,
 Tensor sgd8bit_new_absmax_op(const Tensor& param, const Tensor& grad, const Tensor& buf, const Tensor& buf_absmax,
                           const Tensor& signed_qmap, const Tensor& gnorm_scale, double lr, double weight_decay,
                           double momentum, double dampening_weight, bool nesterov, bool first_step) {
+  IeeeMode mode;  // ieee_mode.h
   check_pair(param, grad);
   std::vector<QuantState> states{quant_state(param, buf, buf_absmax, signed_qmap, "momentum_buffer")};
   TORCH_CHECK(buf_absmax.numel() == 1, "distopt: sgd8bit_new_absmax is for states with one absmax per tensor");
@@ -187,6 +192,7 @@ Elementwise32bit<P> elementwise(const Tensor& param, const Tensor& grad, const s
 void adamw32_op(Tensor param, const Tensor& grad, Tensor m, Tensor v, c10::optional<Tensor> vmax,
               const Tensor& gnorm_scale, Tensor nonfinite_count, double decay, double lerp_weight, double beta2,
               double sq_weight, double eps, double step_size, double bias_correction2_sqrt) {
+  IeeeMode mode;  // ieee_mode.h
   check_pair(param, grad);
   std::vector<Tensor> states{m, v};
   if (vmax.has_value()) states.push_back(*vmax);
@@ -201,6 +207,7 @@ void adamw32_op(Tensor param, const Tensor& grad, Tensor m, Tensor v, c10::optio
 void sgd32_op(Tensor param, const Tensor& grad, c10::optional<Tensor> buf, const Tensor& gnorm_scale,
             Tensor nonfinite_count, double lr, double weight_decay, double momentum, double dampening_weight,
             bool nesterov, bool first_step) {
+  IeeeMode mode;  // ieee_mode.h
   check_pair(param, grad);
   std::vector<Tensor> states;
   if (buf.has_value()) {
@@ -215,6 +222,7 @@ void sgd32_op(Tensor param, const Tensor& grad, c10::optional<Tensor> buf, const
 }
 
 Tensor row_sumsq_op(const Tensor& grad) {
+  IeeeMode mode;  // ieee_mode.h
   TORCH_CHECK(grad.is_contiguous(), "distopt: row_sumsq needs a contiguous gradient");
   Tensor out = at::zeros({rows_of(grad)}, grad.options().dtype(at::kDouble));
   if (grad.numel() == 0) return out;
@@ -226,6 +234,7 @@ Tensor row_sumsq_op(const Tensor& grad) {
 }
 
 std::tuple<Tensor, Tensor> quantize_blockwise_op(const Tensor& x, const Tensor& qmap, bool block_wise) {
+  IeeeMode mode;  // ieee_mode.h
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "distopt: quantize_blockwise takes contiguous fp32");
   TORCH_CHECK(qmap.scalar_type() == at::kFloat && qmap.numel() == 256, "distopt: qmap must be 256 fp32 values");
   const int64_t rows = rows_of(x), blocks_per_row = ceil_div(row_length_of(x), kBlockSize);
@@ -238,6 +247,7 @@ std::tuple<Tensor, Tensor> quantize_blockwise_op(const Tensor& x, const Tensor& 
 }
 
 Tensor dequantize_blockwise_op(const Tensor& codes, const Tensor& absmax, const Tensor& qmap) {
+  IeeeMode mode;  // ieee_mode.h
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous(), "distopt: codes must be contiguous uint8");
   TORCH_CHECK(qmap.scalar_type() == at::kFloat && qmap.numel() == 256, "distopt: qmap must be 256 fp32 values");
   const int64_t blocks = rows_of(codes) * ceil_div(row_length_of(codes), kBlockSize);

@@ -93,7 +93,7 @@ inline __m256 load(const c10::BFloat16* x, Mask m) {
 }
 inline __m256 load(const c10::Half* x, Mask m) { return _mm256_cvtph_ps(load_bits16(x, m)); }
 
-// Rounded stores from fp32, bitwise as the scalar static_cast<P> (other lanes untouched).
+// Rounded stores from fp32, bitwise as the scalar to_param<P> (dtype.h) (other lanes untouched).
 inline void store(float* out, Mask m, __m256 x) {
   if (m == kAll) {
     _mm256_storeu_ps(out, x);

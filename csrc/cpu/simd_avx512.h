@@ -81,7 +81,7 @@ inline __m512 load(const c10::BFloat16* x, __mmask16 m) {
 }
 inline __m512 load(const c10::Half* x, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, x)); }
 
-// Rounded stores from fp32, bitwise as the scalar static_cast<P> (masked lanes untouched).
+// Rounded stores from fp32, bitwise as the scalar to_param<P> (dtype.h) (masked lanes untouched).
 inline void store(float* out, __mmask16 m, __m512 x) { _mm512_mask_storeu_ps(out, m, x); }
 inline void store(c10::BFloat16* out, __mmask16 m, __m512 x) {  // c10's round_to_nearest_even
   const __m512i bits = _mm512_castps_si512(x);
