@@ -12,6 +12,12 @@
 
 namespace distopt::cpu {
 
+// The parameter dtype to fp32 (exact).
+template <typename P>
+inline float from_param(P x) {
+  return static_cast<float>(x);
+}
+
 // fp32 to the parameter dtype: c10's conversion, except for an fp16 NaN, which is
 // always the NaN the F16C instruction makes of it: its sign, quieted, and the top 10
 // bits of its payload (sign | 0x7E00 | mantissa >> 13). c10 converts in hardware in the

@@ -52,11 +52,6 @@ decltype(auto) with_state_count(int n, F&& f) {
   }
 }
 
-template <typename P>
-float load(P x) {
-  return static_cast<float>(x);
-}
-
 // at::parallel_for, every task in the default IEEE mode (ieee_mode.h).
 template <typename F>
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
@@ -65,7 +60,6 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
     f(lo, hi);
   });
 }
-
 
 bool all_finite(const float* x, int64_t n) {
   bool finite = true;
@@ -193,9 +187,8 @@ bool update_block_simd(const Blocked8bit<P>& a, const Rule& rule, const FastCode
 // old values forward, re-encoded with the new absmax.
 template <int NS, typename P, typename Rule>
 void run_8bit_n(const Blocked8bit<P>& a, const Rule& rule, float* max_out) {
-  constexpr int ns = NS;
   const FastCodebook* books[3] = {nullptr, nullptr, nullptr};
-  for (int s = 0; s < ns; ++s) books[s] = &fast_codebook(a.state[s].qmap);
+  for (int s = 0; s < NS; ++s) books[s] = &fast_codebook(a.state[s].qmap);
   const int64_t nblocks = a.rows * ceil_div(a.row_length, kBlockSize);
   std::atomic<int64_t> skipped{0};
   std::mutex max_mutex;
@@ -216,10 +209,10 @@ void run_8bit_n(const Blocked8bit<P>& a, const Rule& rule, float* max_out) {
       }
 #endif
       const int64_t n = span.length, at = span.start, ai = a.block_wise ? b : 0;
-      for (int64_t i = 0; i < n; ++i) g[i] = load(a.grad[at + i]);
+      for (int64_t i = 0; i < n; ++i) g[i] = from_param(a.grad[at + i]);
       bool finite = all_finite(g, n);
       auto dequantize = [&] {
-        for (int s = 0; s < ns; ++s) {
+        for (int s = 0; s < NS; ++s) {
           const float scale = a.state[s].absmax[ai];
           const uint8_t* codes = a.state[s].codes + at;
           const float* value = books[s]->book.value;
@@ -229,22 +222,22 @@ void run_8bit_n(const Blocked8bit<P>& a, const Rule& rule, float* max_out) {
       dequantize();
       if (finite) {
         for (int64_t i = 0; i < n; ++i) {
-          p[i] = load(a.param[at + i]);
+          p[i] = from_param(a.param[at + i]);
           float e[3] = {st[0][i], st[1][i], st[2][i]};
           rule.template apply<NS>(p[i], g[i] * a.gnorm_scale, e);
-          for (int s = 0; s < ns; ++s) st[s][i] = e[s];
+          for (int s = 0; s < NS; ++s) st[s][i] = e[s];
         }
         // a finite gradient so large that a new state overflows is skipped the same way
-        for (int s = 0; s < ns; ++s) finite &= finite_bits(max_abs(st[s], n));
+        for (int s = 0; s < NS; ++s) finite &= finite_bits(max_abs(st[s], n));
         if (!finite) dequantize();
       }
       if (!finite) local_skipped += n;
       if (max_out != nullptr) {
-        for (int s = 0; s < ns; ++s) local_max[s] = maximum(local_max[s], max_abs(st[s], n));
+        for (int s = 0; s < NS; ++s) local_max[s] = maximum(local_max[s], max_abs(st[s], n));
         continue;
       }
       if (!finite && a.block_wise) continue;
-      for (int s = 0; s < ns; ++s) {
+      for (int s = 0; s < NS; ++s) {
         const float absmax = a.block_wise ? max_abs(st[s], n) : a.new_absmax[s];
         encode_block(st[s], n, absmax, *books[s], a.state[s].codes + at);
         if (a.block_wise) a.state[s].absmax[b] = absmax;
@@ -256,16 +249,16 @@ void run_8bit_n(const Blocked8bit<P>& a, const Rule& rule, float* max_out) {
     skipped += local_skipped;
     if (max_out != nullptr) {
       std::lock_guard<std::mutex> lock(max_mutex);
-      for (int s = 0; s < ns; ++s) max_all[s] = maximum(max_all[s], local_max[s]);
+      for (int s = 0; s < NS; ++s) max_all[s] = maximum(max_all[s], local_max[s]);
     }
   });
 
   if (max_out != nullptr) {
-    for (int s = 0; s < ns; ++s) max_out[s] = max_all[s];
+    for (int s = 0; s < NS; ++s) max_out[s] = max_all[s];
     return;
   }
   if (!a.block_wise) {
-    for (int s = 0; s < ns; ++s) a.state[s].absmax[0] = a.new_absmax[s];
+    for (int s = 0; s < NS; ++s) a.state[s].absmax[0] = a.new_absmax[s];
   }
   *a.nonfinite_count += skipped.load();
 }
@@ -331,9 +324,9 @@ int64_t update_32bit_scalar(const Elementwise32bit<P>& a, const Rule& rule, int6
   float* __restrict__ s2 = a.state[2];
   int64_t skipped = 0;
   for (int64_t i = begin; i < end; ++i) {
-    const float g = load(grad[i]);
+    const float g = from_param(grad[i]);
     bool finite = finite_bits(g);
-    const float p0 = load(param[i]);
+    const float p0 = from_param(param[i]);
     float old[3] = {0.0f, 0.0f, 0.0f};
     if (NS > 0) old[0] = s0[i];
     if (NS > 1) old[1] = s1[i];
@@ -428,7 +421,7 @@ void row_sumsq(const P* grad, int64_t rows, int64_t row_length, double* out) {
                        simd::row_sumsq_lanes(row, row_length, lane);
 #else
                        for (int64_t i = 0; i < row_length; ++i) {
-                         const float x = load(row[i]);
+                         const float x = from_param(row[i]);
                          lane[i % kLanes] += finite_bits(x) ? double(x) * double(x) : 0.0;
                        }
 #endif

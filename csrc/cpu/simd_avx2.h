@@ -137,8 +137,9 @@ inline Mask nonfinite(__m256 x, Mask m) {
 struct AbsMax {
   __m256i acc = _mm256_setzero_si256();
   void add(__m256 x, Mask m) {
-    const __m256i magnitude = _mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(0x7FFFFFFF));
-    acc = _mm256_max_epu32(acc, _mm256_and_si256(magnitude, lane_mask(m)));
+    __m256i magnitude = _mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(0x7FFFFFFF));
+    if (m != kAll) magnitude = _mm256_and_si256(magnitude, lane_mask(m));  // a tail only
+    acc = _mm256_max_epu32(acc, magnitude);
   }
   template <typename Scalar>
   float result(const float* x, int64_t n, Scalar scalar) const {
@@ -252,7 +253,6 @@ void encode_states(const float* const* x, int64_t n, const float* absmax, const 
     }
   }
 }
-
 
 // kernels.cpp's row_sumsq lanes for one row: element i goes to lane i % 8, in order;
 // non-finite and masked lanes add +0.0 (the same bits as the scalar loop).

@@ -119,7 +119,6 @@ struct AbsMax {
   }
 };
 
-
 // Whether any lane of `x` in `m` is infinite or NaN (the exponent field all ones).
 inline __mmask16 nonfinite(__m512 x, __mmask16 m) {
   const __m512i exponent = _mm512_set1_epi32(0x7f800000);
@@ -329,7 +328,6 @@ void encode_states(const float* const* x, int64_t n, const float* absmax, const 
     }
   }
 }
-
 
 // kernels.cpp's row_sumsq lanes for one row: element i still goes to lane i % 8, in
 // order (16 elements are two 8-lane steps), and masked or non-finite lanes add +0.0,
