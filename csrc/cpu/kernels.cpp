@@ -146,13 +146,14 @@ bool update_block_simd(const Blocked8bit<P>& a, const Rule& rule, const FastCode
   for (int s = 0; s < NS; ++s)
     v::decode(a.state[s].codes + at, n, *books[s], a.state[s].absmax[b], st[s]);
   // the update, computed even if a gradient turns out non-finite (nothing is written then)
+  const P* const grad = a.grad + at;
+  const P* const param = a.param + at;
   v::Mask bad = 0;
   v::AbsMax new_max[NS > 0 ? NS : 1];
-  for (int64_t i = 0; i < n; i += v::kLanes) {
-    const v::Mask m = v::lanes(n - i);
-    const auto g = v::load(a.grad + at + i, m);
+  const auto chunk = [&](int64_t i, v::Mask m) {
+    const auto g = v::load(grad + i, m);
     bad |= v::nonfinite(g, m);
-    v::V pv{v::load(a.param + at + i, m)};
+    v::V pv{v::load(param + i, m)};
     v::V e[3] = {v::zero(), v::zero(), v::zero()};
     for (int s = 0; s < NS; ++s) e[s] = v::loadu(st[s] + i);
     r.template apply<NS>(pv, Scaled ? v::V{g} * gnorm_scale : v::V{g}, e);
@@ -161,7 +162,10 @@ bool update_block_simd(const Blocked8bit<P>& a, const Rule& rule, const FastCode
       v::storeu(st[s] + i, e[s]);
       new_max[s].add(e[s].v, m);
     }
-  }
+  };
+  int64_t i = 0;
+  for (; i + v::kLanes <= n; i += v::kLanes) chunk(i, v::kAll);  // whole chunks: no masks
+  if (i < n) chunk(i, v::lanes(n - i));
   if (bad != 0) return false;
   float absmax[3];
   for (int s = 0; s < NS; ++s) {
@@ -172,7 +176,8 @@ bool update_block_simd(const Blocked8bit<P>& a, const Rule& rule, const FastCode
   uint8_t* codes[3] = {a.state[0].codes + at, a.state[1].codes + at, a.state[2].codes + at};
   v::encode_states<NS>(values, n, absmax, books, codes);
   for (int s = 0; s < NS; ++s) a.state[s].absmax[b] = absmax[s];
-  for (int64_t i = 0; i < n; i += v::kLanes) v::store(a.param + at + i, v::lanes(n - i), v::loadu(p + i).v);
+  for (i = 0; i + v::kLanes <= n; i += v::kLanes) v::store(a.param + at + i, v::kAll, v::loadu(p + i).v);
+  if (i < n) v::store(a.param + at + i, v::lanes(n - i), v::loadu(p + i).v);
   return true;
 }
 
@@ -270,16 +275,20 @@ void run_8bit(const Blocked8bit<P>& a, const Rule& rule, float* max_out) {
 
 #if defined(DISTOPT_CPU_SIMD)
 // How far ahead the 32-bit loop prefetches each of its streams, in elements, once per
-// 16 elements (a step of 64 bytes of fp32 touches every line once), within the
-// tensor: hints only. On Zen 3 (AVX2, 2 threads) this took SGD32bit from about 0.8 to
-// 1.0x torch's fused SGD and AdamW32bit from about 0.8 to 0.9-1.0x its fused AdamW
-// (interleaved runs); 256 and 1024 were no better.
+// kLine elements (64 bytes of fp32: every line of a stream once): hints only, which
+// never fault, so the last groups prefetch past the tensor harmlessly. On Zen 3 (AVX2,
+// 2 threads) this took SGD32bit from about 0.8 to 1.0x torch's fused SGD and AdamW32bit
+// from about 0.8 to 0.9-1.0x its fused AdamW (interleaved runs); 256 and 1024 were no
+// better.
 constexpr int64_t kStreamAhead = 512;
+constexpr int64_t kLine = 16;
 
 // run_32bit_n's loop over [begin, end), simd::kLanes lanes at a time (masked at the
 // end): each element takes the scalar loop's operations, so it gets the same bits
-// wherever it sits. Returns the count of skipped elements.
-template <int NS, typename P, typename Rule>
+// wherever it sits. A lane with a non-finite gradient computes on it and is not
+// stored. Scaled: gnorm_scale is not 1 (g * 1 is g for every finite g). Returns the
+// count of skipped elements.
+template <int NS, bool Scaled, typename P, typename Rule>
 int64_t update_32bit_simd(const Elementwise32bit<P>& a, const Rule& rule, int64_t begin, int64_t end) {
   namespace v = simd;
   // local copies: the stores below cannot alias the coefficients or the pointers
@@ -288,26 +297,27 @@ int64_t update_32bit_simd(const Elementwise32bit<P>& a, const Rule& rule, int64_
   P* const param = a.param;
   const P* const grad = a.grad;
   float* const state[3] = {a.state[0], a.state[1], a.state[2]};
-  const int64_t numel = a.numel;
-  int64_t skipped = 0;
-  for (int64_t i = begin; i < end; i += v::kLanes) {
-    if ((i - begin) % 16 == 0 && i + kStreamAhead < numel) {
-      _mm_prefetch(reinterpret_cast<const char*>(grad + i + kStreamAhead), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(param + i + kStreamAhead), _MM_HINT_T0);
-      for (int s = 0; s < NS; ++s) _mm_prefetch(reinterpret_cast<const char*>(state[s] + i + kStreamAhead), _MM_HINT_T0);
-    }
-    const v::Mask m = v::lanes(end - i);
+  // the chunk at i, its lanes m; returns how many of them were skipped
+  const auto chunk = [&](int64_t i, v::Mask m) {
     const auto g = v::load(grad + i, m);
     v::Mask finite = m & ~v::nonfinite(g, m);
     v::V p{v::load(param + i, m)};
     v::V e[3] = {v::zero(), v::zero(), v::zero()};
     for (int s = 0; s < NS; ++s) e[s] = v::V{v::load(state[s] + i, m)};
-    r.template apply<NS>(p, v::keep(finite, v::V{g} * gnorm_scale), e);
+    r.template apply<NS>(p, Scaled ? v::V{g} * gnorm_scale : v::V{g}, e);
     for (int s = 0; s < NS; ++s) finite &= ~v::nonfinite(e[s].v, m);  // an overflowing state: skipped too
     v::store(param + i, finite, p.v);
     for (int s = 0; s < NS; ++s) v::store(state[s] + i, finite, e[s].v);
-    skipped += v::count(m & ~finite);
+    return v::count(m & ~finite);
+  };
+  int64_t skipped = 0, i = begin;
+  for (; i + kLine <= end; i += kLine) {
+    _mm_prefetch(reinterpret_cast<const char*>(grad + i + kStreamAhead), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(param + i + kStreamAhead), _MM_HINT_T0);
+    for (int s = 0; s < NS; ++s) _mm_prefetch(reinterpret_cast<const char*>(state[s] + i + kStreamAhead), _MM_HINT_T0);
+    for (int64_t j = 0; j < kLine; j += v::kLanes) skipped += chunk(i + j, v::kAll);
   }
+  for (; i < end; i += v::kLanes) skipped += chunk(i, v::lanes(end - i));
   return skipped;
 }
 #endif
@@ -349,7 +359,8 @@ void run_32bit_n(const Elementwise32bit<P>& a, const Rule& rule) {
   std::atomic<int64_t> skipped{0};
   parallel_for(0, a.numel, kElementGrain, [&](int64_t begin, int64_t end) {
 #if defined(DISTOPT_CPU_SIMD)
-    skipped += update_32bit_simd<NS>(a, rule, begin, end);
+    skipped += a.gnorm_scale != 1.0f ? update_32bit_simd<NS, true>(a, rule, begin, end)
+                                     : update_32bit_simd<NS, false>(a, rule, begin, end);
 #else
     skipped += update_32bit_scalar<NS>(a, rule, begin, end);
 #endif
