@@ -191,35 +191,47 @@ inline __m256i table_lookup(const uint32_t* table, __m256i index) {
                                  four(_mm256_extracti128_si256(index, 1)), 1);
 }
 
-// FastCodebook entries for the lanes of `bits`, as simd_avx512.h's `entries`: one
-// table_lookup in the L1-sized `compact`, or in `entry` when a lane lies outside it.
+// encode_fast, lane by lane, through FastCodebook's 32-bit entries (as simd_avx512.h's
+// `entries` and `encode_lanes`): one table_lookup in the L1-sized `compact`, or in
+// `entry` when a lane lies outside it, one integer comparison and the positive floor.
+// The table's fields are copied into the encoder once: the code stores (bytes, which
+// may alias anything) would otherwise make the compiler reload them on every chunk.
 // The integer comparisons are signed: every operand is below 2^31.
-inline __m256i entries(const FastCodebook& fb, __m256i bits) {
-  const __m256i bucket = _mm256_srli_epi32(bits, 16);
-  const __m256i magnitude = _mm256_and_si256(bucket, _mm256_set1_epi32(0x7FFF));
-  const __m256i outside = _mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(FastCodebook::kCompactHigh - 1));
-  if (!fb.compact_ok || !_mm256_testz_si256(outside, outside))
-    return table_lookup(fb.entry, bucket);
-  const __m256i low = _mm256_set1_epi32(FastCodebook::kCompactLow);
-  const __m256i slot = _mm256_add_epi32(_mm256_sub_epi32(_mm256_max_epi32(magnitude, low), low),
-                                        _mm256_and_si256(_mm256_srai_epi32(bits, 31),
-                                                         _mm256_set1_epi32(FastCodebook::kCompactSize)));
-  return table_lookup(fb.compact, slot);
-}
+struct LaneEncoder {
+  const uint32_t* entry;
+  const uint32_t* compact;  // null when the map does not fit it (compact_ok false)
+  __m256i positive_floor;
 
-// encode_fast, lane by lane, through FastCodebook's entries (one lookup).
-inline __m256i encode_lanes(const FastCodebook& fb, __m256 x) {
-  const __m256i bits = _mm256_castps_si256(x);
-  const __m256i entry = entries(fb, bits);
-  const __m256i code = _mm256_and_si256(entry, _mm256_set1_epi32(0xFF));
-  const __m256i rank = _mm256_and_si256(_mm256_xor_si256(bits, _mm256_srai_epi32(bits, 31)), _mm256_set1_epi32(0xFFFF));
-  // rank >= key, as rank + 1 > key (both at most 0x10000); a true lane is -1
-  const __m256i up = _mm256_cmpgt_epi32(_mm256_add_epi32(rank, _mm256_set1_epi32(1)), _mm256_srli_epi32(entry, 8));
-  const __m256i nearest = _mm256_sub_epi32(code, up);
-  const __m256i floor = _mm256_and_si256(_mm256_cmpeq_epi32(nearest, _mm256_setzero_si256()),
-                                         _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GT_OQ)));
-  return _mm256_blendv_epi8(nearest, _mm256_set1_epi32(fb.positive_floor), floor);
-}
+  explicit LaneEncoder(const FastCodebook& fb)
+      : entry(fb.entry),
+        compact(fb.compact_ok ? fb.compact : nullptr),
+        positive_floor(_mm256_set1_epi32(fb.positive_floor)) {}
+
+  __m256i entries(__m256i bits) const {
+    const __m256i bucket = _mm256_srli_epi32(bits, 16);
+    const __m256i magnitude = _mm256_and_si256(bucket, _mm256_set1_epi32(0x7FFF));
+    const __m256i outside = _mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(FastCodebook::kCompactHigh - 1));
+    if (compact == nullptr || !_mm256_testz_si256(outside, outside)) return table_lookup(entry, bucket);
+    const __m256i low = _mm256_set1_epi32(FastCodebook::kCompactLow);
+    const __m256i slot = _mm256_add_epi32(_mm256_sub_epi32(_mm256_max_epi32(magnitude, low), low),
+                                          _mm256_and_si256(_mm256_srai_epi32(bits, 31),
+                                                           _mm256_set1_epi32(FastCodebook::kCompactSize)));
+    return table_lookup(compact, slot);
+  }
+
+  __m256i operator()(__m256 x) const {
+    const __m256i bits = _mm256_castps_si256(x);
+    const __m256i entry = entries(bits);
+    const __m256i code = _mm256_and_si256(entry, _mm256_set1_epi32(0xFF));
+    const __m256i rank = _mm256_and_si256(_mm256_xor_si256(bits, _mm256_srai_epi32(bits, 31)), _mm256_set1_epi32(0xFFFF));
+    // rank >= key, as rank + 1 > key (both at most 0x10000); a true lane is -1
+    const __m256i up = _mm256_cmpgt_epi32(_mm256_add_epi32(rank, _mm256_set1_epi32(1)), _mm256_srli_epi32(entry, 8));
+    const __m256i nearest = _mm256_sub_epi32(code, up);
+    const __m256i floor = _mm256_and_si256(_mm256_cmpeq_epi32(nearest, _mm256_setzero_si256()),
+                                           _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GT_OQ)));
+    return _mm256_blendv_epi8(nearest, positive_floor, floor);
+  }
+};
 
 // The low bytes of the lanes of `code` in the prefix mask m, stored at out (the bytes
 // past them untouched).
@@ -243,13 +255,21 @@ template <int NS>
 void encode_states(const float* const* x, int64_t n, const float* absmax, const FastCodebook* const* books,
                    uint8_t* const* codes) {
   for (int s = 0; s < NS; ++s) {
+    const LaneEncoder encode(*books[s]);
+    const float* const in = x[s];
+    uint8_t* const out = codes[s];
     const float inv = inverse_absmax(absmax[s]);
-    const bool divide = !finite_bits(inv);
-    const __m256 scale = _mm256_set1_ps(divide ? absmax[s] : inv);
-    for (int64_t i = 0; i < n; i += kLanes) {
-      const Mask m = lanes(n - i);
-      const __m256 v = load(x[s] + i, m);
-      store_codes(codes[s] + i, m, encode_lanes(*books[s], divide ? _mm256_div_ps(v, scale) : _mm256_mul_ps(v, scale)));
+    const auto each = [&](auto scaled) {
+      int64_t i = 0;
+      for (; i + kLanes <= n; i += kLanes) store_codes(out + i, kAll, encode(scaled(_mm256_loadu_ps(in + i))));
+      if (i < n) store_codes(out + i, lanes(n - i), encode(scaled(load(in + i, lanes(n - i)))));
+    };
+    if (finite_bits(inv)) {
+      const __m256 scale = _mm256_set1_ps(inv);
+      each([scale](__m256 v) { return _mm256_mul_ps(v, scale); });
+    } else {
+      const __m256 scale = _mm256_set1_ps(absmax[s]);
+      each([scale](__m256 v) { return _mm256_div_ps(v, scale); });
     }
   }
 }
