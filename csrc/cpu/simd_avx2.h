@@ -202,25 +202,24 @@ inline __m256i table_lookup(const uint32_t* table, __m256i index) {
 
 // encode_fast, lane by lane, through FastCodebook's 32-bit entries (as simd_avx512.h's
 // `entries` and `encode_lanes`): one table_lookup in the L1-sized `compact`, or in
-// `entry` when a lane lies outside it, one integer comparison and the positive floor.
-// The table's fields are copied into the encoder once: the code stores (bytes, which
-// may alias anything) would otherwise make the compiler reload them on every chunk.
-// The integer comparisons are signed: every operand is below 2^31.
+// `entry` when a lane lies outside it, one integer comparison and, for a map with one
+// (Floor: positive_floor is 1), the positive floor. The table's fields are copied into
+// the encoder once: the code stores (bytes, which may alias anything) would otherwise
+// make the compiler reload them on every chunk. The integer comparisons are signed:
+// every operand is below 2^31.
+template <bool Floor>
 struct LaneEncoder {
   const uint32_t* entry;
   const uint32_t* compact;  // null when the map does not fit it (compact_ok false)
-  __m256i positive_floor;
 
-  explicit LaneEncoder(const FastCodebook& fb)
-      : entry(fb.entry),
-        compact(fb.compact_ok ? fb.compact : nullptr),
-        positive_floor(_mm256_set1_epi32(fb.positive_floor)) {}
+  explicit LaneEncoder(const FastCodebook& fb) : entry(fb.entry), compact(fb.compact_ok ? fb.compact : nullptr) {}
 
   __m256i entries(__m256i bits) const {
+    // a magnitude at or above kCompactHigh (2.0, inf, NaN) has the exponent's top bit
+    static_assert(FastCodebook::kCompactHigh == 0x4000u, "the bucket of 2.0 is bit 30 of the float");
     const __m256i bucket = _mm256_srli_epi32(bits, 16);
+    if (compact == nullptr || !_mm256_testz_si256(bits, _mm256_set1_epi32(0x40000000))) return table_lookup(entry, bucket);
     const __m256i magnitude = _mm256_and_si256(bucket, _mm256_set1_epi32(0x7FFF));
-    const __m256i outside = _mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(FastCodebook::kCompactHigh - 1));
-    if (compact == nullptr || !_mm256_testz_si256(outside, outside)) return table_lookup(entry, bucket);
     const __m256i low = _mm256_set1_epi32(FastCodebook::kCompactLow);
     const __m256i slot = _mm256_add_epi32(_mm256_sub_epi32(_mm256_max_epi32(magnitude, low), low),
                                           _mm256_and_si256(_mm256_srai_epi32(bits, 31),
@@ -236,9 +235,10 @@ struct LaneEncoder {
     // rank >= key, as rank + 1 > key (both at most 0x10000); a true lane is -1
     const __m256i up = _mm256_cmpgt_epi32(_mm256_add_epi32(rank, _mm256_set1_epi32(1)), _mm256_srli_epi32(entry, 8));
     const __m256i nearest = _mm256_sub_epi32(code, up);
+    if (!Floor) return nearest;  // the floor would give 0, which nearest is already
     const __m256i floor = _mm256_and_si256(_mm256_cmpeq_epi32(nearest, _mm256_setzero_si256()),
                                            _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GT_OQ)));
-    return _mm256_blendv_epi8(nearest, positive_floor, floor);
+    return _mm256_blendv_epi8(nearest, _mm256_set1_epi32(1), floor);
   }
 };
 
@@ -264,21 +264,27 @@ template <int NS>
 void encode_states(const float* const* x, int64_t n, const float* absmax, const FastCodebook* const* books,
                    uint8_t* const* codes) {
   for (int s = 0; s < NS; ++s) {
-    const LaneEncoder encode(*books[s]);
     const float* const in = x[s];
     uint8_t* const out = codes[s];
     const float inv = inverse_absmax(absmax[s]);
-    const auto each = [&](auto scaled) {
+    const auto each = [&](const auto& encode, auto scaled) {
       int64_t i = 0;
       for (; i + kLanes <= n; i += kLanes) store_codes(out + i, kAll, encode(scaled(_mm256_loadu_ps(in + i))));
       if (i < n) store_codes(out + i, lanes(n - i), encode(scaled(load(in + i, lanes(n - i)))));
     };
-    if (finite_bits(inv)) {
-      const __m256 scale = _mm256_set1_ps(inv);
-      each([scale](__m256 v) { return _mm256_mul_ps(v, scale); });
+    const auto with_scale = [&](const auto& encode) {
+      if (finite_bits(inv)) {
+        const __m256 scale = _mm256_set1_ps(inv);
+        each(encode, [scale](__m256 v) { return _mm256_mul_ps(v, scale); });
+      } else {
+        const __m256 scale = _mm256_set1_ps(absmax[s]);
+        each(encode, [scale](__m256 v) { return _mm256_div_ps(v, scale); });
+      }
+    };
+    if (books[s]->positive_floor != 0) {
+      with_scale(LaneEncoder<true>(*books[s]));
     } else {
-      const __m256 scale = _mm256_set1_ps(absmax[s]);
-      each([scale](__m256 v) { return _mm256_div_ps(v, scale); });
+      with_scale(LaneEncoder<false>(*books[s]));
     }
   }
 }
