@@ -47,6 +47,9 @@ CONFIGS = [
     (distopt.SGD32bit, {"lr": 0.05}),
     (distopt.SGD32bit, {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
     (distopt.SGD32bit, {"lr": 0.05, "momentum": 0.8, "dampening": 0.5}),
+    # the 32-bit loops' scaled path (gnorm_scale != 1)
+    (distopt.AdamW32bit, {"amsgrad": True, "percentile_clipping": 5}),
+    (distopt.SGD32bit, {"lr": 0.05, "momentum": 0.9, "percentile_clipping": 5}),
 ]
 
 def grad(shape, dtype, seed):
@@ -59,6 +62,7 @@ def grad(shape, dtype, seed):
         g[700] = float("inf") if seed % 2 else float("nan")
         g[1100:1110] *= 3e38 if dtype == torch.float32 else 1.0  # v overflows
     g[n - 3] = -float("inf") if seed % 3 == 0 else g[n - 3]  # in the short last block
+    g[n - 2] *= 3e38 if dtype == torch.float32 else 1.0  # a state overflows in a masked tail
     return g.reshape(shape).to(dtype)
 
 def nan_params(params, dtype):
