@@ -111,6 +111,15 @@ BlockSpan block_span(int64_t b, int64_t row_length) {
 }
 
 #if defined(DISTOPT_CPU_SIMD)
+// f(i, mask) over [begin, end) in chunks of simd::kLanes: whole chunks with the full
+// mask (the loads and stores then take no mask), the tail with its prefix mask.
+template <typename F>
+void for_each_chunk(int64_t begin, int64_t end, const F& f) {
+  int64_t i = begin;
+  for (; i + simd::kLanes <= end; i += simd::kLanes) f(i, simd::kAll);
+  if (i < end) f(i, simd::lanes(end - i));
+}
+
 // Software prefetch of the block this far ahead of the one being updated (its param,
 // gradient and codes; hints only, ignored past the end): the streams are short and many.
 constexpr int64_t kPrefetchDistance = 2;
@@ -163,9 +172,7 @@ bool update_block_simd(const Blocked8bit<P>& a, const Rule& rule, const FastCode
       new_max[s].add(e[s].v, m);
     }
   };
-  int64_t i = 0;
-  for (; i + v::kLanes <= n; i += v::kLanes) chunk(i, v::kAll);  // whole chunks: no masks
-  if (i < n) chunk(i, v::lanes(n - i));
+  for_each_chunk(0, n, chunk);
   if (bad != 0) return false;
   float absmax[3];
   for (int s = 0; s < NS; ++s) {
@@ -176,8 +183,7 @@ bool update_block_simd(const Blocked8bit<P>& a, const Rule& rule, const FastCode
   uint8_t* codes[3] = {a.state[0].codes + at, a.state[1].codes + at, a.state[2].codes + at};
   v::encode_states<NS>(values, n, absmax, books, codes);
   for (int s = 0; s < NS; ++s) a.state[s].absmax[b] = absmax[s];
-  for (i = 0; i + v::kLanes <= n; i += v::kLanes) v::store(a.param + at + i, v::kAll, v::loadu(p + i).v);
-  if (i < n) v::store(a.param + at + i, v::lanes(n - i), v::loadu(p + i).v);
+  for_each_chunk(0, n, [&](int64_t i, v::Mask m) { v::store(a.param + at + i, m, v::loadu(p + i).v); });
   return true;
 }
 
@@ -317,7 +323,7 @@ int64_t update_32bit_simd(const Elementwise32bit<P>& a, const Rule& rule, int64_
     for (int s = 0; s < NS; ++s) _mm_prefetch(reinterpret_cast<const char*>(state[s] + i + kStreamAhead), _MM_HINT_T0);
     for (int64_t j = 0; j < kLine; j += v::kLanes) skipped += chunk(i + j, v::kAll);
   }
-  for (; i < end; i += v::kLanes) skipped += chunk(i, v::lanes(end - i));
+  for_each_chunk(i, end, [&](int64_t at, v::Mask m) { skipped += chunk(at, m); });
   return skipped;
 }
 #endif

@@ -69,7 +69,6 @@ inline __mmask16 lanes(int64_t n) {
 inline int count(Mask m) { return __builtin_popcount(static_cast<unsigned>(m)); }
 
 inline V16 zero() { return {_mm512_setzero_ps()}; }
-inline V16 keep(Mask m, V16 x) { return {_mm512_maskz_mov_ps(m, x.v)}; }  // 0 elsewhere
 inline V16 loadu(const float* x) { return {_mm512_loadu_ps(x)}; }
 inline void storeu(float* out, V16 x) { _mm512_storeu_ps(out, x.v); }
 
