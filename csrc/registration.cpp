@@ -41,15 +41,29 @@ TORCH_LIBRARY(distopt, m) {
       "Tensor momentum_buffer_absmax, Tensor signed_qmap, Tensor gnorm_scale, float lr, "
       "float weight_decay, float momentum, float dampening_weight, bool nesterov, "
       "bool first_step) -> Tensor");
-  // 32-bit updates of many parameters in few launches (CUDA): per-parameter lists (an
-  // empty list: no such state) and `coeffs`, the scalars above per parameter, flattened
-  // (7 for AdamW; 6 for SGD, nesterov and first_step as 0/1).
+  // 32-bit updates of many parameters in one call (CPU: one after another; CUDA: in few
+  // launches): per-parameter lists (an empty list: no such state) and `coeffs`, the
+  // scalars above per parameter, flattened (7 for AdamW; 6 for SGD, nesterov and
+  // first_step as 0/1).
   m.def(
       "adamw32_multi_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor[] gnorm_scales, Tensor(e!)[] nonfinite_counts, float[] coeffs) -> ()");
   m.def(
       "sgd32_multi_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor[] gnorm_scales, "
       "Tensor(c!)[] nonfinite_counts, float[] coeffs) -> ()");
+  // 8-bit updates of many parameters with block-wise state (a 2-D absmax) in one call
+  // (CPU): per-parameter lists as above, one pair of maps for all.
+  m.def(
+      "adamw8bit_multi_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_absmaxes, "
+      "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] exp_avg_sq_absmaxes, Tensor(f!)[] max_exp_avg_sqs, "
+      "Tensor(g!)[] max_exp_avg_sq_absmaxes, Tensor signed_qmap, Tensor unsigned_qmap, Tensor[] gnorm_scales, "
+      "Tensor(h!)[] nonfinite_counts, float[] coeffs) -> ()");
+  m.def(
+      "sgd8bit_multi_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "Tensor(c!)[] momentum_buffer_absmaxes, Tensor signed_qmap, Tensor[] gnorm_scales, "
+      "Tensor(d!)[] nonfinite_counts, float[] coeffs) -> ()");
+  // Adds one to each of many one-element CPU counters (a step's `step` tensors, in one call).
+  m.def("add_one_(Tensor(a!)[] counters) -> ()");
   m.def("row_sumsq(Tensor grad) -> Tensor");
   m.def("quantize_blockwise(Tensor x, Tensor qmap, bool block_wise) -> (Tensor, Tensor)");
   m.def("dequantize_blockwise(Tensor codes, Tensor absmax, Tensor qmap) -> Tensor");

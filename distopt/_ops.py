@@ -74,7 +74,18 @@ def _register_fakes() -> None:
     def nothing(*args, **kwargs) -> None:
         return None
 
-    for name in ("adamw32_", "adamw8bit_", "sgd32_", "sgd8bit_", "adamw32_multi_", "sgd32_multi_", "managed_prefetch_"):
+    for name in (
+        "adamw32_",
+        "adamw8bit_",
+        "sgd32_",
+        "sgd8bit_",
+        "adamw32_multi_",
+        "sgd32_multi_",
+        "adamw8bit_multi_",
+        "sgd8bit_multi_",
+        "add_one_",
+        "managed_prefetch_",
+    ):
         torch.library.register_fake(f"distopt::{name}")(nothing)
 
     @torch.library.register_fake("distopt::adamw8bit_new_absmax")

@@ -22,7 +22,8 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from functools import cached_property, lru_cache
 
 import torch
 
@@ -38,14 +39,23 @@ from .quant import (
 )
 
 
-def _values(coeffs: AdamWCoeffs | SGDCoeffs) -> tuple:
-    """A coefficient dataclass's fields in declaration order: the op's trailing scalar
-    arguments (``dataclasses.astuple`` deep-copies each field, ~45 us a call)."""
-    return tuple(coeffs.__dict__.values())
+class _Scalars:
+    """What the ops take of a coefficient dataclass, computed once per (cached) object:
+    ``scalars``, its fields in declaration order (a single-parameter op's trailing
+    arguments; ``dataclasses.astuple`` deep-copies each field, ~45 us a call), and
+    ``flat``, the same as floats, bools as 0.0 / 1.0 (a *_multi_ op's ``coeffs``)."""
+
+    @cached_property
+    def scalars(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+    @cached_property
+    def flat(self) -> tuple[float, ...]:
+        return tuple(float(x) for x in self.scalars)
 
 
 @dataclass(frozen=True)
-class AdamWCoeffs:
+class AdamWCoeffs(_Scalars):
     """AdamW's per-step coefficients (torch.optim.AdamW's single-tensor formulas)."""
 
     decay: float
@@ -57,6 +67,7 @@ class AdamWCoeffs:
     bias_correction2_sqrt: float
 
     @classmethod
+    @lru_cache(maxsize=1024)  # the parameters of a group share them (betas: a tuple)
     def for_step(cls, lr: float, betas: tuple[float, float], eps: float, weight_decay: float, step: int):
         beta1, beta2 = betas
         return cls(
@@ -71,7 +82,7 @@ class AdamWCoeffs:
 
 
 @dataclass(frozen=True)
-class SGDCoeffs:
+class SGDCoeffs(_Scalars):
     """SGD's per-step coefficients (torch.optim.SGD semantics)."""
 
     lr: float
@@ -82,6 +93,7 @@ class SGDCoeffs:
     first_step: bool
 
     @classmethod
+    @lru_cache(maxsize=1024)  # the parameters of a group share them
     def for_step(cls, lr, momentum, dampening, weight_decay, nesterov, first_step: bool):
         return cls(lr, weight_decay, momentum, 1.0 - dampening, nesterov, first_step)
 
@@ -246,6 +258,21 @@ def use_fused(device: torch.device) -> bool:
     return fused
 
 
+def add_one(counters: list[torch.Tensor]) -> None:
+    """``t += 1`` for each of ``counters`` (one-element tensors: the parameters' ``step``),
+    in one op call for the CPU ones where the kernels are in use (an in-place add on a
+    tensor is an op call of its own, about 3 us, per parameter and step)."""
+    on_cpu = [t for t in counters if t.device.type == "cpu" and t.dtype in _COUNTER_DTYPES]
+    if on_cpu and len(on_cpu) == len(counters) and use_fused(torch.device("cpu")):
+        _ops.ops().add_one_(on_cpu)
+        return
+    for t in counters:
+        t += 1
+
+
+_COUNTER_DTYPES = (torch.float32, torch.float64, torch.int64, torch.int32)
+
+
 # --- public update functions ---------------------------------------------------------
 #
 # [Note: per-tensor absmax] With block_wise=False a state's new absmax is the maximum
@@ -283,7 +310,7 @@ def adamw_update(
         if not fused:
             return _reference_32bit(param, grad, states, scale, count, _adamw_math, c)
         vmax = states[2] if len(states) == 3 else None
-        return _ops.ops().adamw32_(param, grad, states[0], states[1], vmax, scale, count, *_values(c))
+        return _ops.ops().adamw32_(param, grad, states[0], states[1], vmax, scale, count, *c.scalars)
     qstates = _adamw_qstates(state, param.device)
     if not fused:
         return _reference_8bit(param, grad, qstates, scale, count, _adamw_math, c, new_absmax)
@@ -291,7 +318,7 @@ def adamw_update(
     if flat[1].dim() == 1 and new_absmax is None:
         new_absmax = adamw_new_absmax(param, grad, state, c, gnorm_scale, fused=True)
     maps = (qmap(True, param.device), qmap(False, param.device))
-    _ops.ops().adamw8bit_(param, grad, *flat, *maps, new_absmax, scale, count, *_values(c))
+    _ops.ops().adamw8bit_(param, grad, *flat, *maps, new_absmax, scale, count, *c.scalars)
 
 
 def adamw_new_absmax(param, grad, state: dict, c: AdamWCoeffs, gnorm_scale=None, *, fused: bool) -> torch.Tensor:
@@ -301,7 +328,7 @@ def adamw_new_absmax(param, grad, state: dict, c: AdamWCoeffs, gnorm_scale=None,
     if not fused:
         return _reference_new_absmax(param, grad, qstates, scale, _adamw_math, c)
     maps = (qmap(True, param.device), qmap(False, param.device))
-    return _ops.ops().adamw8bit_new_absmax(param, grad, *_flat_adamw(qstates), *maps, scale, *_values(c))
+    return _ops.ops().adamw8bit_new_absmax(param, grad, *_flat_adamw(qstates), *maps, scale, *c.scalars)
 
 
 def sgd_update(
@@ -322,14 +349,14 @@ def sgd_update(
         if not fused:
             return _reference_32bit(param, grad, states, scale, count, _sgd_math, c)
         buf = states[0] if states else None
-        return _ops.ops().sgd32_(param, grad, buf, scale, count, *_values(c))
+        return _ops.ops().sgd32_(param, grad, buf, scale, count, *c.scalars)
     qstates = _qstates(state, ("momentum_buffer",), param.device)
     if not fused:
         return _reference_8bit(param, grad, qstates, scale, count, _sgd_math, c, new_absmax)
     codes, absmax, signed = qstates[0]
     if absmax.dim() == 1 and new_absmax is None:
         new_absmax = sgd_new_absmax(param, grad, state, c, gnorm_scale, fused=True)
-    _ops.ops().sgd8bit_(param, grad, codes, absmax, signed, new_absmax, scale, count, *_values(c))
+    _ops.ops().sgd8bit_(param, grad, codes, absmax, signed, new_absmax, scale, count, *c.scalars)
 
 
 def sgd_new_absmax(param, grad, state: dict, c: SGDCoeffs, gnorm_scale=None, *, fused: bool) -> torch.Tensor:
@@ -339,33 +366,67 @@ def sgd_new_absmax(param, grad, state: dict, c: SGDCoeffs, gnorm_scale=None, *, 
     if not fused:
         return _reference_new_absmax(param, grad, qstates, scale, _sgd_math, c)
     codes, absmax, signed = qstates[0]
-    return _ops.ops().sgd8bit_new_absmax(param, grad, codes, absmax, signed, scale, *_values(c))
+    return _ops.ops().sgd8bit_new_absmax(param, grad, codes, absmax, signed, scale, *c.scalars)
 
 
-# [Note: many parameters per launch] On CUDA the 32-bit updates of a group of parameters
-# (one device, dtype and set of state slots) take the *_multi_ ops: a few launches for
-# all of them, each parameter with its own coefficients, gnorm scale and skip counter.
-# The per-element math is that of adamw32_/sgd32_, so the results are the same.
+# [Note: many parameters per call] The fused 32-bit updates of a group of parameters (one
+# device, dtype and set of state slots) take the *_multi_ ops: one op call for all of
+# them (on CUDA a few launches), each parameter with its own coefficients, gnorm scale
+# and skip counter. The per-element math is that of adamw32_/sgd32_, so the results are
+# the same; what it saves is the cost of an op call from Python per parameter (several
+# microseconds, as much as a small parameter's whole update on CPU).
 
 
 def adamw32_multi_update(params, grads, states, coeffs, gnorm_scales) -> None:
-    """One fused AdamW step of many parameters with 32-bit state (CUDA), in place."""
+    """One fused AdamW step of many parameters with 32-bit state, in place."""
     names = _adamw_names(states[0])
     exp_avg, exp_avg_sq = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
     vmax = [s["max_exp_avg_sq"] for s in states] if len(names) == 3 else []
-    scales = [_scale_or_one(g, p.device) for p, g in zip(params, gnorm_scales)]
-    counts = [s["nonfinite_count"] for s in states]
-    flat = [float(x) for c in coeffs for x in _values(c)]
-    _ops.ops().adamw32_multi_(params, grads, exp_avg, exp_avg_sq, vmax, scales, counts, flat)
+    rest = _scales_counts_coeffs(params, states, coeffs, gnorm_scales)
+    _ops.ops().adamw32_multi_(params, grads, exp_avg, exp_avg_sq, vmax, *rest)
 
 
 def sgd32_multi_update(params, grads, states, coeffs, gnorm_scales) -> None:
-    """One fused SGD step of many parameters with 32-bit (or no) state (CUDA), in place."""
+    """One fused SGD step of many parameters with 32-bit (or no) state, in place."""
     bufs = [s["momentum_buffer"] for s in states] if "momentum_buffer" in states[0] else []
+    _ops.ops().sgd32_multi_(params, grads, bufs, *_scales_counts_coeffs(params, states, coeffs, gnorm_scales))
+
+
+def adamw8bit_multi_update(params, grads, states, coeffs, gnorm_scales) -> None:
+    """One fused AdamW step of many CPU parameters with block-wise 8-bit state, in place."""
+    names = _adamw_names(states[0])
+    slots = [[s[n] for s in states] for n in names] + [[] for _ in range(3 - len(names))]
+    absmax = [[s[f"{n}_absmax"] for s in states] for n in names] + [[] for _ in range(3 - len(names))]
+    device = params[0].device
+    _ops.ops().adamw8bit_multi_(
+        params,
+        grads,
+        *(t for pair in zip(slots, absmax) for t in pair),
+        qmap(True, device),
+        qmap(False, device),
+        *_scales_counts_coeffs(params, states, coeffs, gnorm_scales),
+    )
+
+
+def sgd8bit_multi_update(params, grads, states, coeffs, gnorm_scales) -> None:
+    """One fused SGD step of many CPU parameters with a block-wise 8-bit momentum buffer, in place."""
+    bufs = [s["momentum_buffer"] for s in states]
+    absmax = [s["momentum_buffer_absmax"] for s in states]
+    _ops.ops().sgd8bit_multi_(
+        params,
+        grads,
+        bufs,
+        absmax,
+        qmap(True, params[0].device),
+        *_scales_counts_coeffs(params, states, coeffs, gnorm_scales),
+    )
+
+
+def _scales_counts_coeffs(params, states, coeffs, gnorm_scales) -> tuple[list, list, list[float]]:
+    """The *_multi_ ops' trailing arguments: gnorm scales, skip counters, flat coefficients."""
     scales = [_scale_or_one(g, p.device) for p, g in zip(params, gnorm_scales)]
     counts = [s["nonfinite_count"] for s in states]
-    flat = [float(x) for c in coeffs for x in _values(c)]
-    _ops.ops().sgd32_multi_(params, grads, bufs, scales, counts, flat)
+    return scales, counts, [x for c in coeffs for x in c.flat]
 
 
 # --- percentile clipping -------------------------------------------------------------

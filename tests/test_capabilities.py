@@ -33,7 +33,11 @@ from distopt import _build
 print("capability:", _build._state["capability"])
 torch.set_num_threads(2)
 SHAPES = [(33, 300), (8, 256), (5, 1000), (7, 3, 40), (4, 17 * 16 + 5), (6, 21)]
-NAN_BITS = {torch.float32: [0x7FC01234, -0x3FEDCC], torch.bfloat16: [0x7FC1, -0x3F], torch.float16: [0x7E01, 0x7C01, -0x1FF]}
+NAN_BITS = {
+    torch.float32: [0x7FC01234, -0x3FEDCC],
+    torch.bfloat16: [0x7FC1, -0x3F],
+    torch.float16: [0x7E01, 0x7C01, -0x1FF],
+}
 CONFIGS = [
     (distopt.AdamW8bit, {}),
     (distopt.AdamW8bit, {"amsgrad": True, "weight_decay": 0.1}),

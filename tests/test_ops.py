@@ -8,8 +8,8 @@ import torch
 from distopt import _ops, quant
 from distopt.functional import AdamWCoeffs, SGDCoeffs
 
-ADAMW = list(vars(AdamWCoeffs.for_step(1e-3, (0.9, 0.999), 1e-8, 0.01, 3)).values())
-SGD = list(vars(SGDCoeffs.for_step(0.1, 0.9, 0.1, 0.01, False, False)).values())
+ADAMW = list(AdamWCoeffs.for_step(1e-3, (0.9, 0.999), 1e-8, 0.01, 3).scalars)
+SGD = list(SGDCoeffs.for_step(0.1, 0.9, 0.1, 0.01, False, False).scalars)
 
 
 def eight_bit(shape, signed, block_wise=True):
@@ -36,6 +36,27 @@ def samples(dtype):
         "sgd8bit_": [p, g, *m, s, None, scale, count, *SGD],
         "sgd8bit_new_absmax": [p, g, *mt, s, scale, *SGD],
         "sgd32_": [p, g, f32[0], scale, count, *SGD],
+        "adamw32_multi_": [
+            [p, p.clone()],
+            [g, g],
+            [f32[0], f32[0].clone()],
+            [f32[1], f32[1].clone()],
+            [],
+            [scale, scale],
+            [count, count.clone()],
+            ADAMW * 2,
+        ],
+        "sgd32_multi_": [
+            [p, p.clone()],
+            [g, g],
+            [f32[0], f32[0].clone()],
+            [scale, scale],
+            [count, count.clone()],
+            SGD * 2,
+        ],
+        "adamw8bit_multi_": [[p], [g], [m[0]], [m[1]], [v[0]], [v[1]], [vm[0]], [vm[1]], s, u, [scale], [count], ADAMW],
+        "sgd8bit_multi_": [[p], [g], [m[0]], [m[1]], s, [scale], [count], SGD],
+        "add_one_": [[torch.zeros(()), torch.zeros((), dtype=torch.int64)]],
         "row_sumsq": [g],
         "quantize_blockwise": [torch.randn(5, 300), s, True],
         "dequantize_blockwise": [*m, s],

@@ -5,6 +5,9 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <utility>
+#include <vector>
+
 #include "../common/host_tensor.h"
 #include "ieee_mode.h"
 #include "kernels.h"
@@ -41,7 +44,7 @@ QuantState quant_state(const Tensor& param, const Tensor& codes, const Tensor& a
 
 float scalar_of(const Tensor& t, const char* name) {
   TORCH_CHECK(t.numel() == 1 && t.scalar_type() == at::kFloat, "distopt: ", name, " must be one fp32 value");
-  return t.item<float>();
+  return *t.data_ptr<float>();  // (a CPU tensor: no item(), a dispatched op per call)
 }
 
 int64_t* count_of(const Tensor& t) {
@@ -59,6 +62,10 @@ SGDCoeffs sgd_coeffs(double lr, double weight_decay, double momentum, double dam
                      bool first_step) {
   return {float(lr), float(weight_decay), float(momentum), float(dampening_weight), nesterov, first_step};
 }
+
+// The coefficients of parameter j of a *_multi_ op, from its doubles in `coeffs` at k.
+AdamWCoeffs adamw_coeffs_at(const double* k) { return adamw_coeffs(k[0], k[1], k[2], k[3], k[4], k[5], k[6]); }
+SGDCoeffs sgd_coeffs_at(const double* k) { return sgd_coeffs(k[0], k[1], k[2], k[3], k[4] != 0.0, k[5] != 0.0); }
 
 // Fills the 8-bit struct for dtype P from (codes, absmax, qmap) triples.
 template <typename P>
@@ -175,9 +182,79 @@ Tensor sgd8bit_new_absmax_op(const Tensor& param, const Tensor& grad, const Tens
   return out;
 }
 
+// The 8-bit updates of many parameters with block-wise state in one call (the
+// *8bit_multi_ schemas): each parameter exactly as adamw8bit_ / sgd8bit_ updates it
+// with block-wise state, checked before the first is updated.
+void check_block_wise(const Tensor& absmax, const char* op) {
+  TORCH_CHECK(absmax.dim() == 2, "distopt::", op, " takes block-wise states (a 2-D absmax)");
+}
+
+void adamw8bit_multi_op(at::TensorList params, at::TensorList grads, at::TensorList m, at::TensorList m_absmax,
+                        at::TensorList v, at::TensorList v_absmax, at::TensorList vmax, at::TensorList vmax_absmax,
+                        const Tensor& signed_qmap, const Tensor& unsigned_qmap, at::TensorList gnorm_scales,
+                        at::TensorList counts, at::ArrayRef<double> coeffs) {
+  IeeeMode mode;  // ieee_mode.h
+  if (params.empty()) return;
+  check_lists(params, {grads, m, m_absmax, v, v_absmax, gnorm_scales, counts}, {vmax, vmax_absmax}, coeffs.size(), 7);
+  TORCH_CHECK(vmax.size() == vmax_absmax.size(), "distopt: max_exp_avg_sqs need their absmaxes");
+  dispatch_dtype(params[0], "adamw8bit_multi_", [&](auto tag) {
+    using P = decltype(tag);
+    auto make = [&](size_t j) {
+      check_pair(params[j], grads[j]);
+      const c10::optional<Tensor> none;
+      const auto states = adamw_states(params[j], m[j], m_absmax[j], v[j], v_absmax[j],
+                                       vmax.empty() ? none : vmax[j], vmax_absmax.empty() ? none : vmax_absmax[j],
+                                       signed_qmap, unsigned_qmap);
+      check_block_wise(m_absmax[j], "adamw8bit_multi_");
+      block_wise_of(params[j], m_absmax[j], none, states.size(), true);
+      const double* k = coeffs.data() + 7 * j;
+      return std::make_pair(blocked<P>(params[j], grads[j], states, true, none, gnorm_scales[j], count_of(counts[j])),
+                            adamw_coeffs_at(k));
+    };
+    update_checked_first(params.size(), make, [](const auto& a, const AdamWCoeffs& c) { adamw8bit(a, c); });
+  });
+}
+
+void sgd8bit_multi_op(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::TensorList buf_absmax,
+                      const Tensor& signed_qmap, at::TensorList gnorm_scales, at::TensorList counts,
+                      at::ArrayRef<double> coeffs) {
+  IeeeMode mode;  // ieee_mode.h
+  if (params.empty()) return;
+  check_lists(params, {grads, bufs, buf_absmax, gnorm_scales, counts}, {}, coeffs.size(), 6);
+  dispatch_dtype(params[0], "sgd8bit_multi_", [&](auto tag) {
+    using P = decltype(tag);
+    auto make = [&](size_t j) {
+      check_pair(params[j], grads[j]);
+      const std::vector<QuantState> states{quant_state(params[j], bufs[j], buf_absmax[j], signed_qmap, "momentum_buffer")};
+      check_block_wise(buf_absmax[j], "sgd8bit_multi_");
+      block_wise_of(params[j], buf_absmax[j], c10::nullopt, 1, true);
+      const double* k = coeffs.data() + 6 * j;
+      return std::make_pair(
+          blocked<P>(params[j], grads[j], states, true, c10::nullopt, gnorm_scales[j], count_of(counts[j])),
+          sgd_coeffs_at(k));
+    };
+    update_checked_first(params.size(), make, [](const auto& a, const SGDCoeffs& c) { sgd8bit(a, c); });
+  });
+}
+
+void add_one_op(at::TensorList counters) {
+  for (const auto& t : counters) {  // all checked first
+    const auto type = t.scalar_type();
+    TORCH_CHECK(t.numel() == 1 && t.device().is_cpu() &&
+                    (type == at::kFloat || type == at::kDouble || at::isIntegralType(type, /*includeBool=*/false)),
+                "distopt::add_one_ takes one-element CPU tensors of a float32, float64 or integer dtype");
+  }
+  for (const auto& t : counters) {
+    AT_DISPATCH_ALL_TYPES(t.scalar_type(), "add_one_", [&] { *t.data_ptr<scalar_t>() += scalar_t(1); });
+  }
+}
+
+// The 32-bit struct for dtype P, every tensor checked (nothing is written here).
 template <typename P>
 Elementwise32bit<P> elementwise(const Tensor& param, const Tensor& grad, const std::vector<Tensor>& states,
-                                const Tensor& gnorm_scale, const Tensor& nonfinite_count) {
+                                const Tensor& gnorm_scale, const Tensor& nonfinite_count, const char* op) {
+  check_pair(param, grad);
+  for (const auto& s : states) check_state32(param, s, op);
   Elementwise32bit<P> a{};
   a.param = param.data_ptr<P>();
   a.grad = grad.data_ptr<P>();
@@ -189,36 +266,71 @@ Elementwise32bit<P> elementwise(const Tensor& param, const Tensor& grad, const s
   return a;
 }
 
+// Runs update(kernel struct, coefficients) for parameters 0..n-1 after make(j) has
+// built (and so checked) every one of them: a call that is refused changes nothing.
+template <typename Make, typename Update>
+void update_checked_first(size_t n, const Make& make, const Update& update) {
+  std::vector<decltype(make(size_t{0}))> all;
+  all.reserve(n);
+  for (size_t j = 0; j < n; ++j) all.push_back(make(j));
+  for (const auto& [a, c] : all) update(a, c);
+}
+
+// The 32-bit updates of many parameters in one call (the *_multi_ schemas): each
+// parameter exactly as adamw32_ / sgd32_ updates it, with its own coefficients (`per`
+// doubles each in `coeffs`, turned into the kernel's by `coeffs_at`), gnorm scale and
+// skip counter, without a call from Python per parameter.
+template <typename CoeffsAt, typename Update>
+void update32_multi(at::TensorList params, at::TensorList grads, const std::vector<at::TensorList>& states,
+                    at::TensorList gnorm_scales, at::TensorList counts, at::ArrayRef<double> coeffs, size_t per,
+                    const char* op, const CoeffsAt& coeffs_at, const Update& update) {
+  IeeeMode mode;  // ieee_mode.h
+  if (params.empty()) return;
+  check_lists(params, {grads, gnorm_scales, counts}, states, coeffs.size(), per);
+  dispatch_dtype(params[0], op, [&](auto tag) {
+    using P = decltype(tag);
+    update_checked_first(
+        params.size(),
+        [&](size_t j) {
+          return std::make_pair(
+              elementwise<P>(params[j], grads[j], states_of(states, j), gnorm_scales[j], counts[j], op),
+              coeffs_at(coeffs.data() + per * j));
+        },
+        update);
+  });
+}
+
+void adamw32_multi_op(at::TensorList params, at::TensorList grads, at::TensorList m, at::TensorList v,
+                      at::TensorList vmax, at::TensorList gnorm_scales, at::TensorList counts,
+                      at::ArrayRef<double> coeffs) {
+  TORCH_CHECK(m.size() == params.size() && v.size() == params.size(),
+              "distopt: every tensor list needs one entry per parameter");
+  update32_multi(params, grads, {m, v, vmax}, gnorm_scales, counts, coeffs, 7, "adamw32_multi_", adamw_coeffs_at,
+                 [](const auto& a, const AdamWCoeffs& c) { adamw32(a, c); });
+}
+
+void sgd32_multi_op(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::TensorList gnorm_scales,
+                    at::TensorList counts, at::ArrayRef<double> coeffs) {
+  update32_multi(params, grads, {bufs}, gnorm_scales, counts, coeffs, 6, "sgd32_multi_", sgd_coeffs_at,
+                 [](const auto& a, const SGDCoeffs& c) { sgd32(a, c); });
+}
+
 void adamw32_op(Tensor param, const Tensor& grad, Tensor m, Tensor v, c10::optional<Tensor> vmax,
               const Tensor& gnorm_scale, Tensor nonfinite_count, double decay, double lerp_weight, double beta2,
               double sq_weight, double eps, double step_size, double bias_correction2_sqrt) {
-  IeeeMode mode;  // ieee_mode.h
-  check_pair(param, grad);
-  std::vector<Tensor> states{m, v};
-  if (vmax.has_value()) states.push_back(*vmax);
-  for (const auto& s : states) check_state32(param, s, "adamw32_ state");
-  const auto c = adamw_coeffs(decay, lerp_weight, beta2, sq_weight, eps, step_size, bias_correction2_sqrt);
-  dispatch_dtype(param, "adamw32_", [&](auto tag) {
-    using scalar_t = decltype(tag);
-    adamw32(elementwise<scalar_t>(param, grad, states, gnorm_scale, nonfinite_count), c);
-  });
+  std::vector<Tensor> vmaxes;
+  if (vmax.has_value()) vmaxes.push_back(*vmax);
+  adamw32_multi_op({param}, {grad}, {m}, {v}, vmaxes, {gnorm_scale}, {nonfinite_count},
+                   {decay, lerp_weight, beta2, sq_weight, eps, step_size, bias_correction2_sqrt});
 }
 
 void sgd32_op(Tensor param, const Tensor& grad, c10::optional<Tensor> buf, const Tensor& gnorm_scale,
             Tensor nonfinite_count, double lr, double weight_decay, double momentum, double dampening_weight,
             bool nesterov, bool first_step) {
-  IeeeMode mode;  // ieee_mode.h
-  check_pair(param, grad);
-  std::vector<Tensor> states;
-  if (buf.has_value()) {
-    check_state32(param, *buf, "momentum_buffer");
-    states.push_back(*buf);
-  }
-  const auto c = sgd_coeffs(lr, weight_decay, momentum, dampening_weight, nesterov, first_step);
-  dispatch_dtype(param, "sgd32_", [&](auto tag) {
-    using scalar_t = decltype(tag);
-    sgd32(elementwise<scalar_t>(param, grad, states, gnorm_scale, nonfinite_count), c);
-  });
+  std::vector<Tensor> bufs;
+  if (buf.has_value()) bufs.push_back(*buf);
+  sgd32_multi_op({param}, {grad}, bufs, {gnorm_scale}, {nonfinite_count},
+                 {lr, weight_decay, momentum, dampening_weight, nesterov ? 1.0 : 0.0, first_step ? 1.0 : 0.0});
 }
 
 Tensor row_sumsq_op(const Tensor& grad) {
@@ -269,6 +381,11 @@ TORCH_LIBRARY_IMPL(distopt, CPU, m) {
   m.impl("adamw8bit_", &adamw8bit_op);
   m.impl("adamw8bit_new_absmax", &adamw8bit_new_absmax_op);
   m.impl("sgd32_", &sgd32_op);
+  m.impl("adamw32_multi_", &adamw32_multi_op);
+  m.impl("sgd32_multi_", &sgd32_multi_op);
+  m.impl("adamw8bit_multi_", &adamw8bit_multi_op);
+  m.impl("sgd8bit_multi_", &sgd8bit_multi_op);
+  m.impl("add_one_", &add_one_op);
   m.impl("sgd8bit_", &sgd8bit_op);
   m.impl("sgd8bit_new_absmax", &sgd8bit_new_absmax_op);
   m.impl("row_sumsq", &row_sumsq_op);

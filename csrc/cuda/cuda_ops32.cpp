@@ -25,29 +25,6 @@ Tensor32<P, C> tensor32(const Tensor& param, const Tensor& grad, const std::vect
   return t;
 }
 
-// The states of parameter j from lists of per-parameter tensors (empty lists: none).
-std::vector<Tensor> states_of(const std::vector<at::TensorList>& lists, size_t j) {
-  std::vector<Tensor> out;
-  for (const auto& l : lists)
-    if (!l.empty()) out.push_back(l[j]);
-  return out;
-}
-
-// `required` lists need one tensor per parameter; `optional` ones too, or none (no such state).
-void check_lists(const at::TensorList& params, const std::vector<at::TensorList>& required,
-                 const std::vector<at::TensorList>& optional, size_t ncoeffs, size_t coeffs_per_tensor) {
-  for (const auto& l : required)
-    TORCH_CHECK(l.size() == params.size(), "distopt: every tensor list needs one entry per parameter");
-  for (const auto& l : optional)
-    TORCH_CHECK(l.empty() || l.size() == params.size(), "distopt: a state list needs one entry per parameter or none");
-  TORCH_CHECK(ncoeffs == coeffs_per_tensor * params.size(), "distopt: coeffs needs ", coeffs_per_tensor,
-              " values per parameter");
-  for (const auto& p : params) {
-    TORCH_CHECK(p.device() == params[0].device() && p.scalar_type() == params[0].scalar_type(),
-                "distopt: the parameters of one multi-tensor update share one device and dtype");
-  }
-}
-
 void adamw32_multi_op(at::TensorList params, at::TensorList grads, at::TensorList m, at::TensorList v,
                       at::TensorList vmax, at::TensorList gnorm_scales, at::TensorList counts,
                       at::ArrayRef<double> coeffs) {

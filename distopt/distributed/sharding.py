@@ -16,6 +16,7 @@ shards of something larger are declared with :func:`distopt.distributed.shard_ro
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.distributed as dist
@@ -52,7 +53,7 @@ class RowShard:
         return self.global_shape[0] if self.global_shape else 1
 
 
-def describe_dtensor(p: DTensor, name: str) -> RowShard:
+def describe_dtensor(p: DTensor, name: object) -> RowShard:
     """The RowShard of a DTensor parameter; refuses placements other than Shard(0)/Replicate."""
     mesh, placements = p.device_mesh, tuple(p.placements)
     shard_dims = []
@@ -71,12 +72,19 @@ def describe_dtensor(p: DTensor, name: str) -> RowShard:
     return RowShard(tuple(p.shape), offset[0] if offset else 0, group, mesh, placements)
 
 
-def row_shard(p: torch.Tensor, declared: dict, name: str) -> RowShard:
+def row_shard(p: torch.Tensor, declared: dict, name: object) -> RowShard:
     """The RowShard of ``p``: from its DTensor layout, its :func:`shard_rows` declaration
     (``declared``), or the whole tensor."""
     if isinstance(p, DTensor):
         return describe_dtensor(p, name)
-    return declared.get(p) or RowShard(tuple(p.shape))
+    return declared.get(p) or whole(tuple(p.shape))
+
+
+@lru_cache(maxsize=4096)
+def whole(shape: tuple[int, ...]) -> RowShard:
+    """The RowShard of a tensor held whole, one per shape (every step asks for each
+    parameter's, and a frozen dataclass takes over a microsecond to build)."""
+    return RowShard(shape)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

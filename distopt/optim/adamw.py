@@ -123,10 +123,11 @@ class AdamW(QuantizedOptimizer):
     update_fn = staticmethod(F.adamw_update)
     new_absmax_fn = staticmethod(F.adamw_new_absmax)
     update_multi_fn = staticmethod(F.adamw32_multi_update)
+    update_multi8_fn = staticmethod(F.adamw8bit_multi_update)
 
     def coefficients(self, s) -> F.AdamWCoeffs:
         g = s.group
-        return F.AdamWCoeffs.for_step(g["lr"], g["betas"], g["eps"], g["weight_decay"], s.step)
+        return F.AdamWCoeffs.for_step(g["lr"], tuple(g["betas"]), g["eps"], g["weight_decay"], s.step)
 
 
 def _doc(title: str, bits_note: str = "", paged_note: str = "") -> str:

@@ -85,6 +85,20 @@ def param_name(group_index: int, param_index: int, p: torch.Tensor) -> str:
     return f"param_groups[{group_index}]['params'][{param_index}] (shape {tuple(p.shape)}, {p.dtype})"
 
 
+class ParamName:
+    """A parameter's :func:`param_name`, formatted when a message uses it (``str``, an
+    f-string): a step names every parameter it checks, and formatting a name costs
+    more than most of the checks."""
+
+    __slots__ = ("group_index", "param_index", "p")
+
+    def __init__(self, group_index: int, param_index: int, p: torch.Tensor) -> None:
+        self.group_index, self.param_index, self.p = group_index, param_index, p
+
+    def __str__(self) -> str:
+        return param_name(self.group_index, self.param_index, self.p)
+
+
 class QuantizedOptimizer(torch.optim.Optimizer):
     """Base class of distopt's optimizers (see the module docstring)."""
 
@@ -132,7 +146,9 @@ class QuantizedOptimizer(torch.optim.Optimizer):
     new_absmax_fn = None
     """The matching first pass for per-tensor absmax (e.g. ``adamw_new_absmax``)."""
     update_multi_fn = None
-    """``distopt.functional`` update of many CUDA parameters with 32-bit state, or None."""
+    """``distopt.functional`` update of many parameters with 32-bit state, or None."""
+    update_multi8_fn = None
+    """``distopt.functional`` update of many CPU parameters with block-wise 8-bit state, or None."""
 
     def check_hyperparameters(self, group: Mapping[str, Any]) -> None:
         """Raise ValueError naming any invalid hyperparameter of ``group``."""
@@ -187,7 +203,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         todo = [
-            (p, param_name(gi, pi, p), group)
+            (p, ParamName(gi, pi, p), group)
             for gi, group in enumerate(self.param_groups)
             for pi, p in enumerate(group["params"])
             if p.grad is not None
@@ -196,15 +212,16 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         checked = [stepping.check(p, name, self.row_shards) for p, name, _ in todo]  # may raise: nothing changed yet
         new = self.pager.new if self.pager is not None else stepping.plain_tensor
         fresh = stepping.allocate_state(self, todo, checked, new)  # may raise: nothing changed yet
-        steps = [stepping.prepare(self, p, name, group, *c, f) for (p, name, group), c, f in zip(todo, checked, fresh)]
+        steps = stepping.prepare(self, todo, checked, fresh)
         stepping.set_gradient_scales(steps)
         stepping.set_tensor_absmax(steps, type(self).new_absmax_fn, self.coefficients, self.pager, self._paged_tensors)
         update = type(self).update_fn
-        # CUDA, 32-bit state: many parameters per launch (functional's [Note: many parameters per
-        # launch]); paged state is paged in and out around each parameter's own update instead
-        multi = None if self.is_paged else type(self).update_multi_fn
-        steps = stepping.update_in_few_launches(steps, multi, self.coefficients)
-        paged = [self._paged_tensors(s.state) for s in steps]
+        # many parameters per op call (functional's [Note: many parameters per call]); paged
+        # state is paged in and out around each parameter's own update instead
+        if not self.is_paged:
+            multi32, multi8 = type(self).update_multi_fn, type(self).update_multi8_fn
+            steps = stepping.update_in_few_calls(steps, multi32, multi8, self.coefficients)
+        paged = [self._paged_tensors(s.state) for s in steps] if self.pager is not None else []
         for i, s in enumerate(steps):
             if self.pager is not None:  # this parameter's state and the next one's
                 self.pager.prefetch(paged[i], paged[i + 1] if i + 1 < len(steps) else [], s.param.device)

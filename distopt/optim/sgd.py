@@ -103,6 +103,7 @@ class SGD(QuantizedOptimizer):
     update_fn = staticmethod(F.sgd_update)
     new_absmax_fn = staticmethod(F.sgd_new_absmax)
     update_multi_fn = staticmethod(F.sgd32_multi_update)
+    update_multi8_fn = staticmethod(F.sgd8bit_multi_update)
 
     def coefficients(self, s) -> F.SGDCoeffs:
         g = s.group

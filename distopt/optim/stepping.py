@@ -31,12 +31,12 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """Parameter (and gradient) dtypes the updates take; the math is fp32 for all of them."""
 
 
-@dataclass
+@dataclass(slots=True)
 class ParamStep:
     """Everything one parameter's update needs this step."""
 
     p: torch.Tensor  # the parameter as the user holds it (a DTensor under FSDP2)
-    name: str
+    name: object  # str() of it names the parameter (base.ParamName)
     group: dict[str, Any]
     shard: RowShard
     param: torch.Tensor  # the local tensor, contiguous (a copy if it was not)
@@ -54,7 +54,7 @@ class ParamStep:
             target.copy_(self.param.view(target.shape))
 
 
-def checked_grad(p: torch.Tensor, name: str) -> torch.Tensor:
+def checked_grad(p: torch.Tensor, name: object) -> torch.Tensor:
     grad = p.grad
     if p.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"distopt: {name} has dtype {p.dtype}; supported: float32, bfloat16, float16")
@@ -80,7 +80,7 @@ def plain_tensor(shape, dtype: torch.dtype, fill: float, device: torch.device, n
 
 
 def allocate_slot(
-    state: dict, p: torch.Tensor, shard: RowShard, name: str, signed: bool, group, new=plain_tensor, where: str = ""
+    state: dict, p: torch.Tensor, shard: RowShard, name: str, signed: bool, group, new=plain_tensor, where: object = ""
 ) -> None:
     """Allocate one state slot of ``p`` (8-bit or 32-bit by the global shape) with
     ``new(shape, dtype, fill, device, name)`` (e.g. :meth:`distopt.paging.Pager.new`)."""
@@ -105,31 +105,40 @@ def allocate_state(opt, todo: list, checked: list, new=plain_tensor) -> list[fro
     """Allocate every missing state slot of the parameters about to step, all or none:
     if one allocation fails (e.g. a full spill disk) no state is installed and the error
     propagates before anything changed. Returns each parameter's fresh slots."""
+    slots_of: dict[int, list[tuple[str, bool]]] = {}  # by group (asked once a step)
     staged = []
     for (p, name, group), (_, shard) in zip(todo, checked):
+        if id(group) not in slots_of:
+            slots_of[id(group)] = opt.state_slots(group)
         state = opt.state.get(p, {})
         new_slots: dict[str, torch.Tensor] = {}
-        for slot, signed in opt.state_slots(group):
+        for slot, signed in slots_of[id(group)]:
             if slot not in state:
                 allocate_slot(new_slots, p, shard, slot, signed, group, new, name)
         staged.append(new_slots)
     fresh = []
     for (p, _, group), new_slots in zip(todo, staged):
-        opt.state[p].update(new_slots)
-        fresh.append(frozenset(k for k, _ in opt.state_slots(group) if k in new_slots))
+        state = opt.state[p]  # (created here for a parameter's first step)
+        if not new_slots:
+            fresh.append(_NONE)
+            continue
+        state.update(new_slots)
+        fresh.append(frozenset(k for k, _ in slots_of[id(group)] if k in new_slots))
     return fresh
 
 
-def check(p: torch.Tensor, name: str, declared: dict) -> tuple[torch.Tensor, RowShard]:
+_NONE: frozenset[str] = frozenset()
+
+
+def check(p: torch.Tensor, name: object, declared: dict) -> tuple[torch.Tensor, RowShard]:
     """The local gradient and the RowShard of ``p``, or an error naming it (nothing changed)."""
     return checked_grad(p, name), row_shard(p, declared, name)
 
 
-def prepare(
-    opt, p: torch.Tensor, name: str, group: dict, grad: torch.Tensor, shard: RowShard, fresh: frozenset[str]
-) -> ParamStep:
-    """Complete the state of one checked parameter (its slots are allocated, ``fresh``
-    this step: :func:`allocate_state`) and advance its step."""
+def complete_state(opt, p: torch.Tensor, group: dict, fresh: frozenset[str]) -> frozenset[str]:
+    """Add what a checked parameter's state lacks besides its slots (allocated by
+    :func:`allocate_state`, ``fresh`` this step): ``step``, ``nonfinite_count`` and, with
+    percentile clipping, ``gnorm_history``; returns the fresh slots, the history included."""
     state = opt.state[p]
     device = local(p).device
     if "step" not in state:
@@ -139,28 +148,51 @@ def prepare(
     if group["percentile_clipping"] < 100 and "gnorm_history" not in state:
         state["gnorm_history"] = torch.zeros(F.HISTORY, dtype=torch.float64, device=device)
         fresh |= {"gnorm_history"}
-    state["step"] += 1
-    param = local(p)
-    return ParamStep(
-        p=p,
-        name=name,
-        group=group,
-        shard=shard,
-        param=param if param.is_contiguous() else param.contiguous(),
-        grad=grad,
-        state=active_state(opt, state, group),
-        step=int(state["step"].item()),
-        fused=F.use_fused(device),
-        fresh=fresh,
-    )
+    return fresh
 
 
-def active_state(opt, state: dict, group) -> dict[str, torch.Tensor]:
-    """The local tensors of the state the group's settings use now: a slot kept from
-    earlier settings (``max_exp_avg_sq`` after amsgrad was turned off, a momentum buffer
-    after momentum was set to 0) stays in the state but takes no part in the update."""
-    inactive = set(opt.all_slots) - {name for name, _ in opt.state_slots(group)}
-    return {k: local(v) for k, v in state.items() if k.removesuffix("_absmax") not in inactive}
+def prepare(opt, todo: list, checked: list, fresh: list) -> list[ParamStep]:
+    """The ParamStep of every checked parameter about to step (:func:`check`,
+    :func:`allocate_state`): its state completed and its ``step`` advanced. What a group
+    or a device shares is worked out once, and the steps advance in one call: a step's
+    bookkeeping is paid per parameter, and models have hundreds."""
+    fresh = [complete_state(opt, p, group, f) for (p, _, group), f in zip(todo, fresh)]
+    F.add_one([opt.state[p]["step"] for p, _, _ in todo])
+    inactive: dict[int, frozenset[str]] = {}
+    fused: dict[torch.device, bool] = {}
+    steps = []
+    for (p, name, group), (grad, shard), f in zip(todo, checked, fresh):
+        if id(group) not in inactive:
+            inactive[id(group)] = inactive_slots(opt, group)
+        param = local(p)
+        if param.device not in fused:
+            fused[param.device] = F.use_fused(param.device)
+        state, skip = opt.state[p], inactive[id(group)]
+        steps.append(
+            ParamStep(
+                p=p,
+                name=name,
+                group=group,
+                shard=shard,
+                param=param if param.is_contiguous() else param.contiguous(),
+                grad=grad,
+                # the state's local tensors that take part: all of them, as a rule
+                state=state
+                if not skip and p is param
+                else {k: local(v) for k, v in state.items() if k.removesuffix("_absmax") not in skip},
+                step=int(state["step"].item()),
+                fused=fused[param.device],
+                fresh=f,
+            )
+        )
+    return steps
+
+
+def inactive_slots(opt, group) -> frozenset[str]:
+    """The slots a parameter of ``group`` may keep from earlier settings but that take no
+    part in its update now (``max_exp_avg_sq`` after amsgrad was turned off, a momentum
+    buffer after momentum was set to 0): they stay in the state, left alone."""
+    return frozenset(opt.all_slots) - {name for name, _ in opt.state_slots(group)}
 
 
 def set_gradient_scales(steps: list[ParamStep]) -> None:
@@ -200,20 +232,24 @@ def set_tensor_absmax(steps: list[ParamStep], new_absmax_fn, coefficients, pager
 _NOT_SLOTS = ("step", "nonfinite_count", "gnorm_history")
 
 
-def update_in_few_launches(steps: list[ParamStep], multi_fn, coefficients) -> list[ParamStep]:
-    """Update the fused CUDA parameters with 32-bit state through ``multi_fn`` (a
-    ``functional.*_multi_update``), grouped by device, dtype and state slots, and write
-    them back; returns the steps left for the per-parameter update."""
+def update_in_few_calls(steps: list[ParamStep], multi32, multi8, coefficients) -> list[ParamStep]:
+    """Update many fused parameters per op call (functional's [Note: many parameters per
+    call]): those with 32-bit state through ``multi32``, those on CPU with block-wise
+    8-bit state through ``multi8`` (``functional.*_multi_update``; None: not this way),
+    grouped by device, dtype and state keys, and write them back. Returns the steps left
+    for the per-parameter update (the reference path, per-tensor absmax, 8-bit state on
+    CUDA)."""
     groups: dict[tuple, list[ParamStep]] = {}
     rest = []
     for s in steps:
-        slots = tuple(sorted(k for k in s.state if k not in _NOT_SLOTS))
-        if multi_fn is None or not s.fused or s.param.device.type != "cuda" or any("_absmax" in k for k in slots):
+        keys = tuple(k for k in s.state if k not in _NOT_SLOTS)  # (in the state's order: a key, not a set)
+        fn = _multi_update_for(s, keys, multi32, multi8)
+        if fn is None:
             rest.append(s)
             continue
-        groups.setdefault((s.param.device, s.param.dtype, slots), []).append(s)
-    for group in groups.values():
-        multi_fn(
+        groups.setdefault((fn, s.param.device, s.param.dtype, keys), []).append(s)
+    for (fn, *_), group in groups.items():
+        fn(
             [s.param for s in group],
             [s.grad for s in group],
             [s.state for s in group],
@@ -223,3 +259,14 @@ def update_in_few_launches(steps: list[ParamStep], multi_fn, coefficients) -> li
         for s in group:
             s.write_back()
     return rest
+
+
+def _multi_update_for(s: ParamStep, keys: tuple[str, ...], multi32, multi8):
+    """Which of ``multi32`` / ``multi8`` serves this parameter, or None."""
+    if not s.fused:
+        return None
+    absmax = [k for k in keys if k.endswith("_absmax")]
+    if not absmax:
+        return multi32
+    block_wise = s.state[absmax[0]].dim() == 2
+    return multi8 if block_wise and s.param.device.type == "cpu" else None

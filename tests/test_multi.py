@@ -1,0 +1,215 @@
+"""Many parameters per op call (functional's [Note: many parameters per call]) changes nothing but speed.
+
+- each ``*_multi_`` op updates every parameter bitwise as its single-parameter op does,
+  with each parameter's own coefficients, gradient scale and skip counter;
+- a refused call (one bad entry anywhere) changes nothing;
+- ``step()``, which groups the parameters into these calls, gives bitwise the results of
+  updating them one by one, for every registry case and dtype;
+- ``add_one_``, which advances every parameter's ``step`` in one call, does what ``+= 1`` does.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distopt import _ops, quant
+from distopt.functional import AdamWCoeffs, SGDCoeffs
+from distopt.optim import stepping
+from tests.conftest import backend
+from tests.registry import CASES, DTYPES, SHAPES, assert_bitwise_equal, clone_params, make_params, run_steps
+
+# tail blocks, exact blocks, 3-D, one block, and an empty parameter
+MULTI_SHAPES = [(33, 300), (8, 256), (7, 3, 40), (1, 64), (0, 300)]
+ADAMW = [AdamWCoeffs.for_step(1e-3 * (k + 1), (0.9, 0.99), 1e-8, 0.1 * k, k + 1) for k in range(len(MULTI_SHAPES))]
+SGD = [
+    SGDCoeffs.for_step(0.05 * (k + 1), 0.9, 0.1 * (k % 2), 0.01 * k, False, k == 0) for k in range(len(MULTI_SHAPES))
+]
+
+
+def parameters(dtype, *, bits: int, states: int, signed=(True, False, False)):
+    """Per parameter: param, grad (one with a NaN), states (codes + absmax, or fp32), scale, count."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for k, shape in enumerate(MULTI_SHAPES):
+        p = torch.randn(shape, generator=gen).to(dtype)
+        g = (torch.randn(shape, generator=gen) * 0.1).to(dtype)
+        if k == 0:
+            g.view(-1)[300] = float("nan")  # one block (8-bit) or element (32-bit) skipped
+        slots = []
+        for s in range(states):
+            x = torch.randn(shape, generator=gen) if signed[s] else torch.rand(shape, generator=gen)
+            slots.append(list(quant.quantize_blockwise(x, quant.qmap(signed[s]), True)) if bits == 8 else [x])
+        scale = torch.tensor(0.5 + 0.25 * k)
+        out.append((p, g, slots, scale, torch.zeros((), dtype=torch.int64)))
+    return out
+
+
+def cloned(params):
+    return [
+        (p.clone(), g, [[t.clone() for t in slot] for slot in slots], sc, c.clone()) for p, g, slots, sc, c in params
+    ]
+
+
+def flat(coeffs):
+    return [x for c in coeffs for x in c.flat]
+
+
+def assert_same(a, b):
+    for (p, _, slots, _, count), (q, _, twin_slots, _, twin_count) in zip(a, b):
+        assert_bitwise_equal(p, q)
+        assert_bitwise_equal(count, twin_count)
+        for slot, twin in zip(slots, twin_slots):
+            for t, u in zip(slot, twin):
+                assert_bitwise_equal(t, u)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adamw", "amsgrad"])
+def test_adamw8bit_multi_matches_one_call_per_parameter(kernels_built, dtype, amsgrad):
+    ops, s, u = _ops.ops(), quant.qmap(True), quant.qmap(False)
+    nstates = 3 if amsgrad else 2
+    many = parameters(dtype, bits=8, states=nstates)
+    one = cloned(many)
+    for (p, g, slots, scale, count), c in zip(one, ADAMW):
+        vmax = slots[2] if amsgrad else [None, None]
+        ops.adamw8bit_(p, g, *slots[0], *slots[1], *vmax, s, u, None, scale, count, *c.scalars)
+    lists = [[x[2][k][i] for x in many] if k < nstates else [] for k in range(3) for i in range(2)]
+    ops.adamw8bit_multi_(
+        [x[0] for x in many],
+        [x[1] for x in many],
+        *lists,
+        s,
+        u,
+        [x[3] for x in many],
+        [x[4] for x in many],
+        flat(ADAMW),
+    )
+    assert_same(many, one)
+    assert many[0][4].item() == 256  # the NaN's block, counted once
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sgd8bit_multi_matches_one_call_per_parameter(kernels_built, dtype):
+    ops, s = _ops.ops(), quant.qmap(True)
+    many = parameters(dtype, bits=8, states=1)
+    one = cloned(many)
+    for (p, g, slots, scale, count), c in zip(one, SGD):
+        ops.sgd8bit_(p, g, *slots[0], s, None, scale, count, *c.scalars)
+    ops.sgd8bit_multi_(
+        [x[0] for x in many],
+        [x[1] for x in many],
+        [x[2][0][0] for x in many],
+        [x[2][0][1] for x in many],
+        s,
+        [x[3] for x in many],
+        [x[4] for x in many],
+        flat(SGD),
+    )
+    assert_same(many, one)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adamw", "amsgrad"])
+def test_adamw32_multi_matches_one_call_per_parameter(kernels_built, dtype, amsgrad):
+    ops, nstates = _ops.ops(), 3 if amsgrad else 2
+    many = parameters(dtype, bits=32, states=nstates)
+    one = cloned(many)
+    for (p, g, slots, scale, count), c in zip(one, ADAMW):
+        vmax = slots[2][0] if amsgrad else None
+        ops.adamw32_(p, g, slots[0][0], slots[1][0], vmax, scale, count, *c.scalars)
+    lists = [[x[2][k][0] for x in many] if k < nstates else [] for k in range(3)]
+    ops.adamw32_multi_(
+        [x[0] for x in many], [x[1] for x in many], *lists, [x[3] for x in many], [x[4] for x in many], flat(ADAMW)
+    )
+    assert_same(many, one)
+    assert many[0][4].item() == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("momentum", [True, False], ids=["momentum", "none"])
+def test_sgd32_multi_matches_one_call_per_parameter(kernels_built, dtype, momentum):
+    ops = _ops.ops()
+    many = parameters(dtype, bits=32, states=1 if momentum else 0)
+    one = cloned(many)
+    for (p, g, slots, scale, count), c in zip(one, SGD):
+        ops.sgd32_(p, g, slots[0][0] if momentum else None, scale, count, *c.scalars)
+    bufs = [x[2][0][0] for x in many] if momentum else []
+    ops.sgd32_multi_(
+        [x[0] for x in many], [x[1] for x in many], bufs, [x[3] for x in many], [x[4] for x in many], flat(SGD)
+    )
+    assert_same(many, one)
+
+
+def test_a_refused_multi_call_changes_nothing(kernels_built):
+    ops, s, u = _ops.ops(), quant.qmap(True), quant.qmap(False)
+    many = parameters(torch.float32, bits=8, states=2)
+    before = cloned(many)
+    grads = [x[1] for x in many]
+    grads[-2] = grads[-2][:, :-1].contiguous()  # the next-to-last parameter's gradient has the wrong shape
+    lists = [[x[2][k][i] for x in many] for k in range(2) for i in range(2)]
+    with pytest.raises(RuntimeError, match="grad shape"):
+        ops.adamw8bit_multi_(
+            [x[0] for x in many], grads, *lists, [], [], s, u, [x[3] for x in many], [x[4] for x in many], flat(ADAMW)
+        )
+    assert_same(many, before)
+    # and the lists must agree in length, and the coefficients with them
+    with pytest.raises(RuntimeError, match="one entry per parameter"):
+        ops.sgd32_multi_(
+            [x[0] for x in many], [x[1] for x in many][:-1], [], [x[3] for x in many], [x[4] for x in many], flat(SGD)
+        )
+    with pytest.raises(RuntimeError, match="6 values per parameter"):
+        ops.sgd32_multi_(
+            [x[0] for x in many], [x[1] for x in many], [], [x[3] for x in many], [x[4] for x in many], flat(SGD)[:-1]
+        )
+    assert_same(many, before)
+
+
+def test_the_8bit_multi_ops_refuse_per_tensor_absmax(kernels_built):
+    p, g = torch.randn(4, 300), torch.randn(4, 300)
+    codes, absmax = quant.quantize_blockwise(torch.randn(4, 300), quant.qmap(True), False)
+    with pytest.raises(RuntimeError, match="block-wise states"):
+        _ops.ops().sgd8bit_multi_(
+            [p],
+            [g],
+            [codes],
+            [absmax],
+            quant.qmap(True),
+            [torch.tensor(1.0)],
+            [torch.zeros((), dtype=torch.int64)],
+            SGD[1].flat,
+        )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_step_in_few_calls_matches_one_update_per_parameter(kernels_built, case, dtype, monkeypatch):
+    """The registry's shapes mix 8-bit, 32-bit (1-D, short rows) and empty parameters, and
+    the cases block-wise and per-tensor absmax, clipping and paging."""
+    params = make_params(SHAPES, dtype)
+    twins = clone_params(params)
+    with backend("fused"):
+        opt = case.make(params)
+        run_steps(opt, params, 3)
+        one_by_one = case.make(twins)
+        monkeypatch.setattr(stepping, "update_in_few_calls", lambda steps, *rest: steps)
+        run_steps(one_by_one, twins, 3)
+    for p, q in zip(params, twins):
+        assert_bitwise_equal(p, q)
+        for key, value in opt.state[p].items():
+            assert_bitwise_equal(value, one_by_one.state[q][key])
+
+
+def test_add_one_advances_every_counter_and_refuses_without_changing_any(kernels_built):
+    counters = [
+        torch.zeros((), dtype=torch.float32),
+        torch.tensor([41], dtype=torch.int64),
+        torch.tensor(2.5, dtype=torch.float64),
+    ]
+    _ops.ops().add_one_(counters)
+    assert [c.item() for c in counters] == [1.0, 42, 3.5]
+    with pytest.raises(RuntimeError, match="one-element CPU tensors"):
+        _ops.ops().add_one_([counters[0], torch.zeros(2)])
+    with pytest.raises(RuntimeError, match="one-element CPU tensors"):
+        _ops.ops().add_one_([counters[0], torch.zeros((), dtype=torch.bfloat16)])
+    assert [c.item() for c in counters] == [1.0, 42, 3.5]
