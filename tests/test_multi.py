@@ -16,11 +16,12 @@ import torch
 from distopt import _ops, quant
 from distopt.functional import AdamWCoeffs, SGDCoeffs
 from distopt.optim import stepping
-from tests.conftest import backend
+from tests.conftest import backend, threads
 from tests.registry import CASES, DTYPES, SHAPES, assert_bitwise_equal, clone_params, make_params, run_steps
 
-# tail blocks, exact blocks, 3-D, one block, and an empty parameter
-MULTI_SHAPES = [(33, 300), (8, 256), (7, 3, 40), (1, 64), (0, 300)]
+# tail blocks, an empty parameter, exact blocks, 3-D, one block: the ops share the
+# blocks (elements) of all of them among the threads, so a task spans several
+MULTI_SHAPES = [(33, 300), (0, 300), (8, 256), (7, 3, 40), (1, 64)]
 ADAMW = [AdamWCoeffs.for_step(1e-3 * (k + 1), (0.9, 0.99), 1e-8, 0.1 * k, k + 1) for k in range(len(MULTI_SHAPES))]
 SGD = [
     SGDCoeffs.for_step(0.05 * (k + 1), 0.9, 0.1 * (k % 2), 0.01 * k, False, k == 0) for k in range(len(MULTI_SHAPES))
@@ -64,9 +65,15 @@ def assert_same(a, b):
                 assert_bitwise_equal(t, u)
 
 
+@pytest.mark.parametrize("nthreads", [2, 1, 3], ids=lambda n: f"{n}threads")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("amsgrad", [False, True], ids=["adamw", "amsgrad"])
-def test_adamw8bit_multi_matches_one_call_per_parameter(kernels_built, dtype, amsgrad):
+def test_adamw8bit_multi_matches_one_call_per_parameter(kernels_built, dtype, amsgrad, nthreads):
+    with threads(nthreads):
+        adamw8bit_both_ways(dtype, amsgrad)
+
+
+def adamw8bit_both_ways(dtype, amsgrad):
     ops, s, u = _ops.ops(), quant.qmap(True), quant.qmap(False)
     nstates = 3 if amsgrad else 2
     many = parameters(dtype, bits=8, states=nstates)
@@ -109,9 +116,15 @@ def test_sgd8bit_multi_matches_one_call_per_parameter(kernels_built, dtype):
     assert_same(many, one)
 
 
+@pytest.mark.parametrize("nthreads", [2, 1, 3], ids=lambda n: f"{n}threads")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("amsgrad", [False, True], ids=["adamw", "amsgrad"])
-def test_adamw32_multi_matches_one_call_per_parameter(kernels_built, dtype, amsgrad):
+def test_adamw32_multi_matches_one_call_per_parameter(kernels_built, dtype, amsgrad, nthreads):
+    with threads(nthreads):
+        adamw32_both_ways(dtype, amsgrad)
+
+
+def adamw32_both_ways(dtype, amsgrad):
     ops, nstates = _ops.ops(), 3 if amsgrad else 2
     many = parameters(dtype, bits=32, states=nstates)
     one = cloned(many)

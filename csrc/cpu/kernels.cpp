@@ -18,10 +18,13 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
+#include <memory>
 #include <mutex>
 #include <type_traits>
+#include <vector>
 
 namespace distopt::cpu {
 
@@ -189,75 +192,140 @@ bool update_block_simd(const Blocked8bit<P>& a, const Rule& rule, const FastCode
 
 #endif
 
-// The 8-bit driver: for each block, dequantize the states, apply `rule` to each element
-// whose block has a finite gradient, then requantize. With `max_out` it only computes
-// the largest new magnitude of each state (for block_wise=false) and writes nothing.
+// The stack buffers of one block (a parallel task's).
+struct BlockBuffers {
+  float p[kBlockSize], g[kBlockSize], st[3][kBlockSize];
+};
+
+// Block b of `a` (n <= kBlockSize elements at span.start): dequantize the states, apply
+// `rule` to each element if the block's gradient is finite, then requantize. With
+// `max_out` (block_wise=false's first pass) it only folds the block's largest new
+// magnitudes into max_out and writes nothing. Returns how many elements it skipped.
 //
 // Non-finite gradients (DESIGN §3.5): block-wise, the whole block is left untouched;
 // with one absmax per tensor, its parameters are untouched and its states carry their
 // old values forward, re-encoded with the new absmax.
 template <int NS, typename P, typename Rule>
-void run_8bit_n(const Blocked8bit<P>& a, const Rule& rule, float* max_out) {
-  const FastCodebook* books[3] = {nullptr, nullptr, nullptr};
-  for (int s = 0; s < NS; ++s) books[s] = &fast_codebook(a.state[s].qmap);
-  const int64_t nblocks = a.rows * ceil_div(a.row_length, kBlockSize);
-  std::atomic<int64_t> skipped{0};
+int64_t update_block(const Blocked8bit<P>& a, const Rule& rule, const FastCodebook* const* books, int64_t b,
+                     BlockBuffers& buf, float* max_out) {
+  const BlockSpan span = block_span(b, a.row_length);
+  float* const p = buf.p;
+  float* const g = buf.g;
+  float(*const st)[kBlockSize] = buf.st;
+#if defined(DISTOPT_CPU_SIMD)
+  if (a.block_wise && max_out == nullptr) {
+    const bool done = a.gnorm_scale != 1.0f ? update_block_simd<NS, true>(a, rule, books, b, span, p, st)
+                                            : update_block_simd<NS, false>(a, rule, books, b, span, p, st);
+    return done ? 0 : span.length;
+  }
+#endif
+  const int64_t n = span.length, at = span.start, ai = a.block_wise ? b : 0;
+  for (int64_t i = 0; i < n; ++i) g[i] = from_param(a.grad[at + i]);
+  bool finite = all_finite(g, n);
+  auto dequantize = [&] {
+    for (int s = 0; s < NS; ++s) {
+      const float scale = a.state[s].absmax[ai];
+      const uint8_t* codes = a.state[s].codes + at;
+      const float* value = books[s]->book.value;
+      for (int64_t i = 0; i < n; ++i) st[s][i] = value[codes[i]] * scale;
+    }
+  };
+  dequantize();
+  if (finite) {
+    for (int64_t i = 0; i < n; ++i) {
+      p[i] = from_param(a.param[at + i]);
+      float e[3] = {st[0][i], st[1][i], st[2][i]};
+      rule.template apply<NS>(p[i], g[i] * a.gnorm_scale, e);
+      for (int s = 0; s < NS; ++s) st[s][i] = e[s];
+    }
+    // a finite gradient so large that a new state overflows is skipped the same way
+    for (int s = 0; s < NS; ++s) finite &= finite_bits(max_abs(st[s], n));
+    if (!finite) dequantize();
+  }
+  const int64_t skipped = finite ? 0 : n;
+  if (max_out != nullptr) {
+    for (int s = 0; s < NS; ++s) max_out[s] = maximum(max_out[s], max_abs(st[s], n));
+    return skipped;
+  }
+  if (!finite && a.block_wise) return skipped;
+  for (int s = 0; s < NS; ++s) {
+    const float absmax = a.block_wise ? max_abs(st[s], n) : a.new_absmax[s];
+    encode_block(st[s], n, absmax, *books[s], a.state[s].codes + at);
+    if (a.block_wise) a.state[s].absmax[b] = absmax;
+  }
+  if (finite) {
+    for (int64_t i = 0; i < n; ++i) a.param[at + i] = to_param<P>(p[i]);
+  }
+  return skipped;
+}
+
+// Where the units (blocks, elements) of n parameters lie in one range [0, total): unit
+// u is unit u - first[j] of parameter j for first[j] <= u < first[j + 1]. A task of
+// parallel_for may span several parameters, so many small ones share the threads.
+class Units {
+ public:
+  template <typename Count>
+  Units(int64_t n, const Count& count) : first_(n + 1, 0) {
+    for (int64_t j = 0; j < n; ++j) first_[j + 1] = first_[j] + count(j);
+  }
+  int64_t total() const { return first_.back(); }
+  // The parameter that unit u belongs to (the last of any empty ones before it is skipped).
+  int64_t owner(int64_t u) const {
+    return std::upper_bound(first_.begin(), first_.end(), u) - first_.begin() - 1;
+  }
+  // f(j, begin, end) for the part of [lo, hi) that each parameter j holds, in its own units.
+  template <typename F>
+  void split(int64_t lo, int64_t hi, const F& f) const {
+    for (int64_t j = owner(lo); lo < hi; ++j) {
+      const int64_t end = std::min(hi, first_[j + 1]);
+      if (end > lo) f(j, lo - first_[j], end - first_[j]);
+      lo = std::max(lo, end);
+    }
+  }
+
+ private:
+  std::vector<int64_t> first_;
+};
+
+// Skip counters of n parameters, added to from several tasks.
+class SkipCounts {
+ public:
+  explicit SkipCounts(int64_t n) : counts_(new std::atomic<int64_t>[n]) {
+    for (int64_t j = 0; j < n; ++j) counts_[j] = 0;
+  }
+  void add(int64_t j, int64_t count) {
+    if (count != 0) counts_[j] += count;
+  }
+  int64_t operator[](int64_t j) const { return counts_[j].load(); }
+
+ private:
+  std::unique_ptr<std::atomic<int64_t>[]> counts_;
+};
+
+// The 8-bit driver for n parameters (their rules in `rule`): every block of every
+// parameter through update_block, the blocks of all of them shared among the threads.
+// With `max_out` (one parameter only) it computes the largest new magnitude of each
+// state (for block_wise=false) and writes nothing.
+template <int NS, typename P, typename Rule>
+void run_8bit_n(const Blocked8bit<P>* a, const Rule* rule, int64_t n, float* max_out) {
+  std::vector<std::array<const FastCodebook*, 3>> books(n, {nullptr, nullptr, nullptr});
+  for (int64_t j = 0; j < n; ++j) {
+    for (int s = 0; s < NS; ++s) books[j][s] = &fast_codebook(a[j].state[s].qmap);
+  }
+  const Units blocks(n, [&](int64_t j) { return a[j].rows * ceil_div(a[j].row_length, kBlockSize); });
+  SkipCounts skipped(n);
   std::mutex max_mutex;
   float max_all[3] = {0.0f, 0.0f, 0.0f};
 
-  parallel_for(0, nblocks, kBlockGrain, [&](int64_t begin, int64_t end) {
-    float p[kBlockSize], g[kBlockSize], st[3][kBlockSize];
+  parallel_for(0, blocks.total(), kBlockGrain, [&](int64_t lo, int64_t hi) {
+    BlockBuffers buf;
     float local_max[3] = {0.0f, 0.0f, 0.0f};
-    int64_t local_skipped = 0;
-    for (int64_t b = begin; b < end; ++b) {
-      const BlockSpan span = block_span(b, a.row_length);
-#if defined(DISTOPT_CPU_SIMD)
-      if (a.block_wise && max_out == nullptr) {
-        const bool done = a.gnorm_scale != 1.0f ? update_block_simd<NS, true>(a, rule, books, b, span, p, st)
-                                                : update_block_simd<NS, false>(a, rule, books, b, span, p, st);
-        if (!done) local_skipped += span.length;
-        continue;
-      }
-#endif
-      const int64_t n = span.length, at = span.start, ai = a.block_wise ? b : 0;
-      for (int64_t i = 0; i < n; ++i) g[i] = from_param(a.grad[at + i]);
-      bool finite = all_finite(g, n);
-      auto dequantize = [&] {
-        for (int s = 0; s < NS; ++s) {
-          const float scale = a.state[s].absmax[ai];
-          const uint8_t* codes = a.state[s].codes + at;
-          const float* value = books[s]->book.value;
-          for (int64_t i = 0; i < n; ++i) st[s][i] = value[codes[i]] * scale;
-        }
-      };
-      dequantize();
-      if (finite) {
-        for (int64_t i = 0; i < n; ++i) {
-          p[i] = from_param(a.param[at + i]);
-          float e[3] = {st[0][i], st[1][i], st[2][i]};
-          rule.template apply<NS>(p[i], g[i] * a.gnorm_scale, e);
-          for (int s = 0; s < NS; ++s) st[s][i] = e[s];
-        }
-        // a finite gradient so large that a new state overflows is skipped the same way
-        for (int s = 0; s < NS; ++s) finite &= finite_bits(max_abs(st[s], n));
-        if (!finite) dequantize();
-      }
-      if (!finite) local_skipped += n;
-      if (max_out != nullptr) {
-        for (int s = 0; s < NS; ++s) local_max[s] = maximum(local_max[s], max_abs(st[s], n));
-        continue;
-      }
-      if (!finite && a.block_wise) continue;
-      for (int s = 0; s < NS; ++s) {
-        const float absmax = a.block_wise ? max_abs(st[s], n) : a.new_absmax[s];
-        encode_block(st[s], n, absmax, *books[s], a.state[s].codes + at);
-        if (a.block_wise) a.state[s].absmax[b] = absmax;
-      }
-      if (finite) {
-        for (int64_t i = 0; i < n; ++i) a.param[at + i] = to_param<P>(p[i]);
-      }
-    }
-    skipped += local_skipped;
+    blocks.split(lo, hi, [&](int64_t j, int64_t begin, int64_t end) {
+      int64_t local_skipped = 0;
+      for (int64_t b = begin; b < end; ++b)
+        local_skipped += update_block<NS>(a[j], rule[j], books[j].data(), b, buf, max_out ? local_max : nullptr);
+      skipped.add(j, local_skipped);
+    });
     if (max_out != nullptr) {
       std::lock_guard<std::mutex> lock(max_mutex);
       for (int s = 0; s < NS; ++s) max_all[s] = maximum(max_all[s], local_max[s]);
@@ -268,15 +336,18 @@ void run_8bit_n(const Blocked8bit<P>& a, const Rule& rule, float* max_out) {
     for (int s = 0; s < NS; ++s) max_out[s] = max_all[s];
     return;
   }
-  if (!a.block_wise) {
-    for (int s = 0; s < NS; ++s) a.state[s].absmax[0] = a.new_absmax[s];
+  for (int64_t j = 0; j < n; ++j) {
+    if (!a[j].block_wise) {
+      for (int s = 0; s < NS; ++s) a[j].state[s].absmax[0] = a[j].new_absmax[s];
+    }
+    *a[j].nonfinite_count += skipped[j];
   }
-  *a.nonfinite_count += skipped.load();
 }
 
 template <typename P, typename Rule>
-void run_8bit(const Blocked8bit<P>& a, const Rule& rule, float* max_out) {
-  with_state_count(a.nstates, [&](auto ns) { run_8bit_n<decltype(ns)::value>(a, rule, max_out); });
+void run_8bit(const Blocked8bit<P>* a, const Rule* rule, int64_t n, float* max_out) {
+  if (n == 0) return;
+  with_state_count(a[0].nstates, [&](auto ns) { run_8bit_n<decltype(ns)::value>(a, rule, n, max_out); });
 }
 
 #if defined(DISTOPT_CPU_SIMD)
@@ -359,24 +430,30 @@ int64_t update_32bit_scalar(const Elementwise32bit<P>& a, const Rule& rule, int6
   return skipped;
 }
 
-// The 32-bit driver: elementwise; a non-finite gradient leaves its element untouched.
+// The 32-bit driver for n parameters (their rules in `rule`): elementwise, the elements
+// of all of them shared among the threads; a non-finite gradient leaves its element
+// untouched.
 template <int NS, typename P, typename Rule>
-void run_32bit_n(const Elementwise32bit<P>& a, const Rule& rule) {
-  std::atomic<int64_t> skipped{0};
-  parallel_for(0, a.numel, kElementGrain, [&](int64_t begin, int64_t end) {
+void run_32bit_n(const Elementwise32bit<P>* a, const Rule* rule, int64_t n) {
+  const Units elements(n, [&](int64_t j) { return a[j].numel; });
+  SkipCounts skipped(n);
+  parallel_for(0, elements.total(), kElementGrain, [&](int64_t lo, int64_t hi) {
+    elements.split(lo, hi, [&](int64_t j, int64_t begin, int64_t end) {
 #if defined(DISTOPT_CPU_SIMD)
-    skipped += a.gnorm_scale != 1.0f ? update_32bit_simd<NS, true>(a, rule, begin, end)
-                                     : update_32bit_simd<NS, false>(a, rule, begin, end);
+      skipped.add(j, a[j].gnorm_scale != 1.0f ? update_32bit_simd<NS, true>(a[j], rule[j], begin, end)
+                                              : update_32bit_simd<NS, false>(a[j], rule[j], begin, end));
 #else
-    skipped += update_32bit_scalar<NS>(a, rule, begin, end);
+      skipped.add(j, update_32bit_scalar<NS>(a[j], rule[j], begin, end));
 #endif
+    });
   });
-  *a.nonfinite_count += skipped.load();
+  for (int64_t j = 0; j < n; ++j) *a[j].nonfinite_count += skipped[j];
 }
 
 template <typename P, typename Rule>
-void run_32bit(const Elementwise32bit<P>& a, const Rule& rule) {
-  with_state_count(a.nstates, [&](auto ns) { run_32bit_n<decltype(ns)::value>(a, rule); });
+void run_32bit(const Elementwise32bit<P>* a, const Rule* rule, int64_t n) {
+  if (n == 0) return;
+  with_state_count(a[0].nstates, [&](auto ns) { run_32bit_n<decltype(ns)::value>(a, rule, n); });
 }
 
 // The update rules on one element (T = float) or one vector (T = simd::V) and its
@@ -399,31 +476,42 @@ struct SGDRule {
   }
 };
 
+// The rules of n parameters from their coefficients.
+template <typename Rule, typename Coeffs>
+std::vector<Rule> rules(const Coeffs* c, int64_t n) {
+  std::vector<Rule> out;
+  out.reserve(n);
+  for (int64_t j = 0; j < n; ++j) out.push_back(Rule{c[j]});
+  return out;
+}
+
 }  // namespace
 
 template <typename P>
-void adamw8bit(const Blocked8bit<P>& a, const AdamWCoeffs& c) {
-  run_8bit(a, AdamWRule{c}, nullptr);
+void adamw8bit(const Blocked8bit<P>* a, const AdamWCoeffs* c, int64_t n) {
+  run_8bit(a, rules<AdamWRule>(c, n).data(), n, nullptr);
 }
 template <typename P>
 void adamw8bit_new_absmax(const Blocked8bit<P>& a, const AdamWCoeffs& c, float* out) {
-  run_8bit(a, AdamWRule{c}, out);
+  const AdamWRule rule{c};
+  run_8bit(&a, &rule, 1, out);
 }
 template <typename P>
-void sgd8bit(const Blocked8bit<P>& a, const SGDCoeffs& c) {
-  run_8bit(a, SGDRule{c}, nullptr);
+void sgd8bit(const Blocked8bit<P>* a, const SGDCoeffs* c, int64_t n) {
+  run_8bit(a, rules<SGDRule>(c, n).data(), n, nullptr);
 }
 template <typename P>
 void sgd8bit_new_absmax(const Blocked8bit<P>& a, const SGDCoeffs& c, float* out) {
-  run_8bit(a, SGDRule{c}, out);
+  const SGDRule rule{c};
+  run_8bit(&a, &rule, 1, out);
 }
 template <typename P>
-void adamw32(const Elementwise32bit<P>& a, const AdamWCoeffs& c) {
-  run_32bit(a, AdamWRule{c});
+void adamw32(const Elementwise32bit<P>* a, const AdamWCoeffs* c, int64_t n) {
+  run_32bit(a, rules<AdamWRule>(c, n).data(), n);
 }
 template <typename P>
-void sgd32(const Elementwise32bit<P>& a, const SGDCoeffs& c) {
-  run_32bit(a, SGDRule{c});
+void sgd32(const Elementwise32bit<P>* a, const SGDCoeffs* c, int64_t n) {
+  run_32bit(a, rules<SGDRule>(c, n).data(), n);
 }
 
 template <typename P>
@@ -486,12 +574,12 @@ void dequantize_blockwise(const uint8_t* codes, const float* absmax, int64_t row
 }
 
 #define DISTOPT_INSTANTIATE(P)                                                              \
-  template void adamw8bit<P>(const Blocked8bit<P>&, const AdamWCoeffs&);                    \
+  template void adamw8bit<P>(const Blocked8bit<P>*, const AdamWCoeffs*, int64_t);           \
   template void adamw8bit_new_absmax<P>(const Blocked8bit<P>&, const AdamWCoeffs&, float*); \
-  template void sgd8bit<P>(const Blocked8bit<P>&, const SGDCoeffs&);                        \
+  template void sgd8bit<P>(const Blocked8bit<P>*, const SGDCoeffs*, int64_t);               \
   template void sgd8bit_new_absmax<P>(const Blocked8bit<P>&, const SGDCoeffs&, float*);     \
-  template void adamw32<P>(const Elementwise32bit<P>&, const AdamWCoeffs&);                 \
-  template void sgd32<P>(const Elementwise32bit<P>&, const SGDCoeffs&);                     \
+  template void adamw32<P>(const Elementwise32bit<P>*, const AdamWCoeffs*, int64_t);        \
+  template void sgd32<P>(const Elementwise32bit<P>*, const SGDCoeffs*, int64_t);            \
   template void row_sumsq<P>(const P*, int64_t, int64_t, double*);
 
 DISTOPT_INSTANTIATE(float)

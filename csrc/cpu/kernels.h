@@ -45,18 +45,23 @@ struct Elementwise32bit {
   int64_t* nonfinite_count;
 };
 
+// The updates of n parameters a[0..n), each with its own coefficients c[j]: the blocks
+// (8-bit) or elements (32-bit) of all of them are shared among the threads, so many
+// small parameters keep every thread busy. All 8-bit ones have the same states; so do
+// the 32-bit ones.
 template <typename P>
-void adamw8bit(const Blocked8bit<P>& a, const AdamWCoeffs& c);
+void adamw8bit(const Blocked8bit<P>* a, const AdamWCoeffs* c, int64_t n);
+template <typename P>
+void sgd8bit(const Blocked8bit<P>* a, const SGDCoeffs* c, int64_t n);
+template <typename P>
+void adamw32(const Elementwise32bit<P>* a, const AdamWCoeffs* c, int64_t n);
+template <typename P>
+void sgd32(const Elementwise32bit<P>* a, const SGDCoeffs* c, int64_t n);
+// block_wise=false's first pass over one parameter: each state's new largest magnitude.
 template <typename P>
 void adamw8bit_new_absmax(const Blocked8bit<P>& a, const AdamWCoeffs& c, float* out);
 template <typename P>
-void sgd8bit(const Blocked8bit<P>& a, const SGDCoeffs& c);
-template <typename P>
 void sgd8bit_new_absmax(const Blocked8bit<P>& a, const SGDCoeffs& c, float* out);
-template <typename P>
-void adamw32(const Elementwise32bit<P>& a, const AdamWCoeffs& c);
-template <typename P>
-void sgd32(const Elementwise32bit<P>& a, const SGDCoeffs& c);
 
 // Sum of squares of the finite elements of each row, in float64 (no overflow for any
 // finite fp32 gradient), in a fixed order.

@@ -126,8 +126,8 @@ void adamw8bit_op(Tensor param, const Tensor& grad, Tensor m, Tensor m_absmax, T
   const auto c = adamw_coeffs(decay, lerp_weight, beta2, sq_weight, eps, step_size, bias_correction2_sqrt);
   dispatch_dtype(param, "adamw8bit_", [&](auto tag) {
     using scalar_t = decltype(tag);
-    adamw8bit(blocked<scalar_t>(param, grad, states, block_wise, new_absmax, gnorm_scale, count_of(nonfinite_count)),
-              c);
+    const auto a = blocked<scalar_t>(param, grad, states, block_wise, new_absmax, gnorm_scale, count_of(nonfinite_count));
+    adamw8bit(&a, &c, 1);
   });
 }
 
@@ -161,7 +161,8 @@ void sgd8bit_op(Tensor param, const Tensor& grad, Tensor buf, Tensor buf_absmax,
   const auto c = sgd_coeffs(lr, weight_decay, momentum, dampening_weight, nesterov, first_step);
   dispatch_dtype(param, "sgd8bit_", [&](auto tag) {
     using scalar_t = decltype(tag);
-    sgd8bit(blocked<scalar_t>(param, grad, states, block_wise, new_absmax, gnorm_scale, count_of(nonfinite_count)), c);
+    const auto a = blocked<scalar_t>(param, grad, states, block_wise, new_absmax, gnorm_scale, count_of(nonfinite_count));
+    sgd8bit(&a, &c, 1);
   });
 }
 
@@ -211,7 +212,8 @@ void adamw8bit_multi_op(at::TensorList params, at::TensorList grads, at::TensorL
       return std::make_pair(blocked<P>(params[j], grads[j], states, true, none, gnorm_scales[j], count_of(counts[j])),
                             adamw_coeffs_at(k));
     };
-    update_checked_first(params.size(), make, [](const auto& a, const AdamWCoeffs& c) { adamw8bit(a, c); });
+    update_checked_first(params.size(), make,
+                         [](const auto* a, const AdamWCoeffs* c, int64_t n) { adamw8bit(a, c, n); });
   });
 }
 
@@ -233,7 +235,8 @@ void sgd8bit_multi_op(at::TensorList params, at::TensorList grads, at::TensorLis
           blocked<P>(params[j], grads[j], states, true, c10::nullopt, gnorm_scales[j], count_of(counts[j])),
           sgd_coeffs_at(k));
     };
-    update_checked_first(params.size(), make, [](const auto& a, const SGDCoeffs& c) { sgd8bit(a, c); });
+    update_checked_first(params.size(), make,
+                         [](const auto* a, const SGDCoeffs* c, int64_t n) { sgd8bit(a, c, n); });
   });
 }
 
@@ -266,14 +269,22 @@ Elementwise32bit<P> elementwise(const Tensor& param, const Tensor& grad, const s
   return a;
 }
 
-// Runs update(kernel struct, coefficients) for parameters 0..n-1 after make(j) has
-// built (and so checked) every one of them: a call that is refused changes nothing.
+// Builds (and so checks) the kernel struct and coefficients of every parameter 0..n-1
+// with make(j), then runs update(structs, coefficients, n) once: a refused call changes
+// nothing, and the kernel shares the work of all the parameters among its threads.
 template <typename Make, typename Update>
 void update_checked_first(size_t n, const Make& make, const Update& update) {
-  std::vector<decltype(make(size_t{0}))> all;
-  all.reserve(n);
-  for (size_t j = 0; j < n; ++j) all.push_back(make(j));
-  for (const auto& [a, c] : all) update(a, c);
+  using Pair = decltype(make(size_t{0}));
+  std::vector<typename Pair::first_type> structs;
+  std::vector<typename Pair::second_type> coeffs;
+  structs.reserve(n);
+  coeffs.reserve(n);
+  for (size_t j = 0; j < n; ++j) {
+    auto [a, c] = make(j);
+    structs.push_back(a);
+    coeffs.push_back(c);
+  }
+  update(structs.data(), coeffs.data(), static_cast<int64_t>(n));
 }
 
 // The 32-bit updates of many parameters in one call (the *_multi_ schemas): each
@@ -306,13 +317,13 @@ void adamw32_multi_op(at::TensorList params, at::TensorList grads, at::TensorLis
   TORCH_CHECK(m.size() == params.size() && v.size() == params.size(),
               "distopt: every tensor list needs one entry per parameter");
   update32_multi(params, grads, {m, v, vmax}, gnorm_scales, counts, coeffs, 7, "adamw32_multi_", adamw_coeffs_at,
-                 [](const auto& a, const AdamWCoeffs& c) { adamw32(a, c); });
+                 [](const auto* a, const AdamWCoeffs* c, int64_t n) { adamw32(a, c, n); });
 }
 
 void sgd32_multi_op(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::TensorList gnorm_scales,
                     at::TensorList counts, at::ArrayRef<double> coeffs) {
   update32_multi(params, grads, {bufs}, gnorm_scales, counts, coeffs, 6, "sgd32_multi_", sgd_coeffs_at,
-                 [](const auto& a, const SGDCoeffs& c) { sgd32(a, c); });
+                 [](const auto* a, const SGDCoeffs* c, int64_t n) { sgd32(a, c, n); });
 }
 
 void adamw32_op(Tensor param, const Tensor& grad, Tensor m, Tensor v, c10::optional<Tensor> vmax,
