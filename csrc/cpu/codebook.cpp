@@ -63,6 +63,33 @@ void build_compact(FastCodebook& fb) {
   }
 }
 
+// FastCodebook::entry16 from `entry` (see codebook.h), checked against encode_fast like
+// build_entries: at both ends of every bucket and on both sides of its key.
+[[maybe_unused]] void build_entry16(FastCodebook& fb) {
+  fb.rank_free = true;
+  for (uint32_t b = 0; b < (1u << 16); ++b) {
+    const uint32_t code = fb.entry[b] & 0xFFu, key = fb.entry[b] >> 8;
+    uint32_t base = key == 0x10000u ? (code - 1u) & 0xFFu : code, k16 = key == 0x10000u ? 0u : key;
+    if (fb.positive_floor != 0 && b < 0x7F80u) {  // the finite positive buckets
+      if (b == 0) {
+        base = 0;
+        k16 = 1;
+      } else if (code == 0) {
+        base = 0;
+        k16 = 0;
+      }
+    }
+    fb.entry16[b] = base << 16 | k16;
+    if (b >= 0x8000u && k16 != 0) fb.rank_free = false;
+    const bool negative = b >> 15;
+    for (uint32_t rank : {0u, 0xFFFFu, k16, k16 == 0 ? 0u : k16 - 1, k16 == 0xFFFFu ? 0xFFFFu : k16 + 1}) {
+      const float x = from_bits(b << 16 | (negative ? rank ^ 0xFFFFu : rank));
+      const uint8_t code16 = static_cast<uint8_t>(base + (rank >= k16 ? 1u : 0u));
+      TORCH_CHECK(code16 == encode_fast(fb, x), "distopt: the AVX2 encoder table disagrees with encode_fast");
+    }
+  }
+}
+
 // The binade of a magnitude (its biased exponent).
 uint32_t binade_of(float magnitude) {
   uint32_t bits;
@@ -243,6 +270,9 @@ std::unique_ptr<FastCodebook> build(const float* qmap) {
   }
   build_entries(*fb);
   build_compact(*fb);
+#if defined(DISTOPT_CPU_AVX2)
+  build_entry16(*fb);  // (only the AVX2 encoder uses it)
+#endif
 #if defined(DISTOPT_CPU_AVX512)
   build_segments(*fb);  // (only the AVX-512 encoder uses it)
 #else

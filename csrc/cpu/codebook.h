@@ -72,6 +72,19 @@ struct FastCodebook {
   static constexpr uint32_t kCompactSize = kCompactHigh - kCompactLow;
   bool compact_ok;
   uint32_t compact[2 * kCompactSize];
+  // For the AVX2 encoder (simd_avx2.h's Encoder16): per bucket, base << 16 | key, and
+  // the code of a value is (base + (rank >= key)) mod 256, rank = bucket_rank(bits).
+  // That is `entry` with "never" (key 0x10000) written as base = code - 1, key 0 (always
+  // one step up), and the positive floor built in for maps that start at 0: bucket 0 is
+  // base 0, key 1 (+0 keeps code 0, every positive subnormal in it takes 1), and every
+  // other finite positive bucket of code 0 is base 0, key 0 (code 1). Equal to
+  // encode_fast for every float: checked when built at both ends of every bucket and on
+  // both sides of its key (within a bucket the code steps up at most once); for the
+  // dynamic maps also on all 2^32 floats (a standalone check, not run in CI).
+  // rank_free: every negative bucket has key 0, so the code of a negative value does
+  // not depend on its rank, which then needs no flip (the unsigned map).
+  uint32_t entry16[1 << 16];
+  bool rank_free;
   // The map's values as four byte planes (byte k of book.value[c] at plane[k][c]), for
   // decoding with byte permutes (simd_avx512.h's decode64).
   alignas(64) uint8_t plane[4][256];
