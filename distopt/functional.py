@@ -67,9 +67,15 @@ class AdamWCoeffs(_Scalars):
     bias_correction2_sqrt: float
 
     @classmethod
-    @lru_cache(maxsize=1024)  # the parameters of a group share them (betas: a tuple)
     def for_step(cls, lr: float, betas: tuple[float, float], eps: float, weight_decay: float, step: int):
+        """The coefficients of step ``step`` (from 1), computed in double from the
+        hyperparameters as Python floats, whatever real type they were given in."""
         beta1, beta2 = betas
+        return cls._for_step(float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(step))
+
+    @classmethod
+    @lru_cache(maxsize=1024)  # the parameters of a group share them
+    def _for_step(cls, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int):
         return cls(
             decay=1.0 - lr * weight_decay,
             lerp_weight=1.0 - beta1,
@@ -93,8 +99,18 @@ class SGDCoeffs(_Scalars):
     first_step: bool
 
     @classmethod
-    @lru_cache(maxsize=1024)  # the parameters of a group share them
     def for_step(cls, lr, momentum, dampening, weight_decay, nesterov, first_step: bool):
+        """The coefficients of one step, from the hyperparameters as Python floats (and
+        bools), whatever real type they were given in."""
+        return cls._for_step(
+            float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov), bool(first_step)
+        )
+
+    @classmethod
+    @lru_cache(maxsize=1024)  # the parameters of a group share them
+    def _for_step(
+        cls, lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool, first_step: bool
+    ):
         return cls(lr, weight_decay, momentum, 1.0 - dampening, nesterov, first_step)
 
 
@@ -259,9 +275,10 @@ def use_fused(device: torch.device) -> bool:
 
 
 def add_one(counters: list[torch.Tensor]) -> None:
-    """``t += 1`` for each of ``counters`` (one-element tensors: the parameters' ``step``),
-    in one op call for the CPU ones where the kernels are in use (an in-place add on a
-    tensor is an op call of its own, about 3 us, per parameter and step)."""
+    """``t += 1`` for each of ``counters`` (one-element tensors: the parameters' ``step``):
+    in one op call when the kernels are in use and every counter is a CPU tensor of a
+    dtype the op takes (as ``step()`` makes them), else one in-place add each (an op call
+    of its own, about 3 us, per parameter and step)."""
     on_cpu = [t for t in counters if t.device.type == "cpu" and t.dtype in _COUNTER_DTYPES]
     if on_cpu and len(on_cpu) == len(counters) and use_fused(torch.device("cpu")):
         _ops.ops().add_one_(on_cpu)

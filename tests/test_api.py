@@ -12,7 +12,7 @@ import torch
 
 import distopt
 from tests.conftest import backend
-from tests.registry import make_params, run_steps
+from tests.registry import make_grads, make_params, run_steps
 
 _SGD_SIG = dict(lr=inspect.Parameter.empty, momentum=0, dampening=0, weight_decay=0, nesterov=False)
 _TAIL = dict(args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True)
@@ -240,6 +240,30 @@ def test_a_bad_gradient_anywhere_leaves_every_parameter_and_state_untouched():
         opt.step()
     assert torch.equal(a.detach(), a_before)
     assert all(torch.equal(opt.state[a][k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"min_8bit_size": 10**9}, {"optim_bits": 32}, {"block_wise": False}],
+    ids=["min_8bit_size", "optim_bits", "block_wise"],
+)
+def test_a_new_slot_in_another_layout_is_refused_before_anything_changes(change):
+    """Turning amsgrad on after the group's layout settings changed would put a state of
+    another layout (32-bit, or per-tensor absmax) beside the 8-bit block-wise ones: the
+    step is refused, naming the parameter, with nothing changed (its step counter too)."""
+    a, b = make_params([(64, 256), (32, 256)])
+    opt = distopt.AdamW8bit([{"params": [a]}, {"params": [b]}], min_8bit_size=0)
+    run_steps(opt, [a, b], 2)
+    before = [(p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}) for p in (a, b)]
+    opt.param_groups[1].update(change, amsgrad=True)
+    for p, g in zip((a, b), make_grads([a, b], 7)):
+        p.grad = g
+    with pytest.raises(ValueError, match=r"param_groups\[1\].*keeps 8-bit block-wise state.*'max_exp_avg_sq'"):
+        opt.step()
+    for p, (value, state) in zip((a, b), before):
+        assert torch.equal(p.detach(), value)
+        assert state.keys() == opt.state[p].keys()
+        assert all(torch.equal(opt.state[p][k], v) for k, v in state.items())
 
 
 @pytest.mark.parametrize("cls", [distopt.AdamW8bit, distopt.AdamW32bit])

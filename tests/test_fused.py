@@ -118,8 +118,9 @@ def test_results_do_not_depend_on_flush_denormal_mode(kernels_built, case, n_thr
 
 
 def test_ops_do_not_depend_on_flush_denormal_mode(kernels_built):
-    """The codec and the row norms on subnormal values, and a step whose coefficient eps
-    and gradient scale are subnormal as fp32, flushing or not (ieee_mode.h)."""
+    """The codec and the row norms on subnormal values, and steps (single and multi ops)
+    whose coefficients eps or lr and gradient scale are subnormal as fp32, flushing or
+    not (ieee_mode.h)."""
     from distopt import _ops, quant
 
     ops = _ops.ops()
@@ -127,18 +128,46 @@ def test_ops_do_not_depend_on_flush_denormal_mode(kernels_built):
     q = quant.qmap(True)
     codes, absmax = ops.quantize_blockwise(x, q, True)
 
+    adamw = [1.0, 0.1, 0.999, 0.001, 1e-40, 0.001, 1.0]  # eps 1e-40
+    sgd = [1e-40, 0.0, 0.9, 1.0, 0.0, 1.0]  # lr 1e-40, a first step
+
     def run(flush):
-        p, g = torch.ones(3, 100), torch.zeros(3, 100)
-        m, v = torch.zeros_like(p), torch.zeros_like(p)
-        count = torch.zeros((), dtype=torch.long)
+        ps = [torch.ones(3, 100) for _ in range(3)] + [torch.full((3, 300), 1e-9) for _ in range(2)]
+        zeros, big = torch.zeros(3, 100), torch.full((3, 300), 1e30)
+        m, v = [torch.zeros(3, 100) for _ in range(2)], [torch.zeros(3, 100) for _ in range(2)]
+        m8, v8 = (
+            quant.quantize_blockwise(torch.zeros(3, 100), q, True),
+            quant.quantize_blockwise(torch.zeros(3, 100), quant.qmap(False), True),
+        )
+        buf, buf8 = torch.zeros(3, 300), quant.quantize_blockwise(torch.zeros(3, 300), q, True)
+        scale, count = torch.tensor(1e-40), lambda: torch.zeros((), dtype=torch.long)
         assert torch.set_flush_denormal(flush)
         try:
             out = [*ops.quantize_blockwise(x, q, True), ops.dequantize_blockwise(codes, absmax, q), ops.row_sumsq(x)]
             # zero gradients, eps 1e-40: 0 / eps is 0 (a flushed eps would give 0 / 0)
-            ops.adamw32_(p, g, m, v, None, torch.tensor(1e-40), count, 1.0, 0.1, 0.999, 0.001, 1e-40, 0.001, 1.0)
+            ops.adamw32_(ps[0], zeros, m[0], v[0], None, scale, count(), *adamw)
+            ops.adamw32_multi_([ps[1]], [zeros], [m[1]], [v[1]], [], [scale], [count()], adamw)
+            ops.adamw8bit_multi_(
+                [ps[2]],
+                [zeros],
+                [m8[0]],
+                [m8[1]],
+                [v8[0]],
+                [v8[1]],
+                [],
+                [],
+                q,
+                quant.qmap(False),
+                [scale],
+                [count()],
+                adamw,
+            )
+            # lr 1e-40 times a gradient of 1e30 moves a parameter of 1e-9 (a flushed lr would not)
+            ops.sgd32_multi_([ps[3]], [big], [buf], [torch.tensor(1.0)], [count()], sgd)
+            ops.sgd8bit_multi_([ps[4]], [big], [buf8[0]], [buf8[1]], q, [torch.tensor(1.0)], [count()], sgd)
         finally:
             torch.set_flush_denormal(False)
-        return [*out, p]
+        return [*out, *ps, *m8, *v8, *buf8, buf]
 
     for a, b in zip(run(False), run(True)):
         assert_bitwise_equal(a, b)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import distopt
 from distopt import _ops, quant
 from distopt.functional import AdamWCoeffs, SGDCoeffs
 from distopt.optim import stepping
@@ -161,7 +162,7 @@ def test_a_refused_multi_call_changes_nothing(kernels_built):
     grads = [x[1] for x in many]
     grads[-2] = grads[-2][:, :-1].contiguous()  # the next-to-last parameter's gradient has the wrong shape
     lists = [[x[2][k][i] for x in many] for k in range(2) for i in range(2)]
-    with pytest.raises(RuntimeError, match="grad shape"):
+    with pytest.raises(RuntimeError, match=r"grad shape(.|\n)*in parameter 3 of the 5 in this call"):
         ops.adamw8bit_multi_(
             [x[0] for x in many], grads, *lists, [], [], s, u, [x[3] for x in many], [x[4] for x in many], flat(ADAMW)
         )
@@ -175,7 +176,29 @@ def test_a_refused_multi_call_changes_nothing(kernels_built):
         ops.sgd32_multi_(
             [x[0] for x in many], [x[1] for x in many], [], [x[3] for x in many], [x[4] for x in many], flat(SGD)[:-1]
         )
+    with pytest.raises(RuntimeError, match="one entry per parameter"):  # no parameters, but a gradient
+        ops.sgd32_multi_([], [many[0][1]], [], [], [], [])
     assert_same(many, before)
+
+
+@pytest.mark.parametrize("multi", [False, True], ids=["adamw8bit_", "adamw8bit_multi_"])
+def test_a_state_whose_absmax_is_smaller_than_the_others_is_refused(kernels_built, multi):
+    """A max_exp_avg_sq with one absmax where exp_avg has one per block would be read and
+    written past its end."""
+    ops, s, u = _ops.ops(), quant.qmap(True), quant.qmap(False)
+    p, g = torch.randn(4, 300), torch.randn(4, 300)
+    m, v, vmax = (list(quant.quantize_blockwise(torch.rand(4, 300), quant.qmap(k == 0), True)) for k in range(3))
+    backing = torch.zeros(64)
+    vmax[1] = backing[:1]  # one value, not 4 x 2
+    scale, count = torch.tensor(1.0), torch.zeros((), dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="share one block layout"):
+        if multi:
+            ops.adamw8bit_multi_(
+                [p], [g], [m[0]], [m[1]], [v[0]], [v[1]], [vmax[0]], [vmax[1]], s, u, [scale], [count], ADAMW[0].flat
+            )
+        else:
+            ops.adamw8bit_(p, g, *m, *v, *vmax, s, u, None, scale, count, *ADAMW[0].scalars)
+    assert not backing.any()
 
 
 def test_the_8bit_multi_ops_refuse_per_tensor_absmax(kernels_built):
@@ -223,6 +246,52 @@ def test_add_one_advances_every_counter_and_refuses_without_changing_any(kernels
     assert [c.item() for c in counters] == [1.0, 42, 3.5]
     with pytest.raises(RuntimeError, match="one-element CPU tensors"):
         _ops.ops().add_one_([counters[0], torch.zeros(2)])
-    with pytest.raises(RuntimeError, match="one-element CPU tensors"):
-        _ops.ops().add_one_([counters[0], torch.zeros((), dtype=torch.bfloat16)])
+    for dtype in (torch.bfloat16, torch.uint16, torch.uint32, torch.bool):
+        with pytest.raises(RuntimeError, match="one-element CPU tensors"):
+            _ops.ops().add_one_([counters[0], torch.zeros((), dtype=dtype)])
     assert [c.item() for c in counters] == [1.0, 42, 3.5]
+
+
+MIXED = [
+    ("AdamW8bit", distopt.AdamW8bit, {}, {"amsgrad": True}),
+    ("AdamW32bit", distopt.AdamW32bit, {}, {"amsgrad": True}),
+    ("SGD8bit", distopt.SGD8bit, {"lr": 0.05, "momentum": 0.9}, {"momentum": 0.0}),
+    ("SGD32bit", distopt.SGD32bit, {"lr": 0.05, "momentum": 0.9}, {"momentum": 0.0, "nesterov": False}),
+]
+
+
+@pytest.mark.parametrize(("name", "cls", "kwargs", "second"), MIXED, ids=[m[0] for m in MIXED])
+def test_step_in_few_calls_on_mixed_groups(kernels_built, name, cls, kwargs, second, monkeypatch):
+    """Groups that differ in their states (amsgrad, momentum), three dtypes in one group,
+    and a non-contiguous parameter (updated through a contiguous copy, written back)."""
+
+    def model():
+        gen = torch.Generator().manual_seed(0)
+        first = [
+            torch.randn(33, 300, generator=gen),
+            torch.randn(8, 256, generator=gen).bfloat16(),
+            torch.randn(7, 3, 40, generator=gen).half(),
+            torch.randn(300, 40, generator=gen).t(),  # non-contiguous
+        ]
+        other = [torch.randn(12, 300, generator=gen), torch.randn(5, 512, generator=gen).bfloat16()]
+        first, other = [torch.nn.Parameter(t) for t in first], [torch.nn.Parameter(t) for t in other]
+        return first + other, cls([{"params": first}, {"params": other, **second}], min_8bit_size=64, **kwargs)
+
+    runs = []
+    for grouped in (True, False):
+        params, opt = model()
+        if not grouped:
+            monkeypatch.setattr(stepping, "update_in_few_calls", lambda steps, *rest: steps)
+        with backend("fused"):
+            for k in range(3):
+                gen = torch.Generator().manual_seed(100 + k)
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+                opt.step()
+        runs.append((params, opt))
+    (params, opt), (twins, one_by_one) = runs
+    assert not params[3].is_contiguous() and not torch.equal(params[3], model()[0][3])
+    for p, q in zip(params, twins):
+        assert_bitwise_equal(p, q)
+        for key, value in opt.state[p].items():
+            assert_bitwise_equal(value, one_by_one.state[q][key])

@@ -110,7 +110,11 @@ std::vector<QuantState> adamw_states(const Tensor& param, const Tensor& m, const
                             quant_state(param, v, v_absmax, unsigned_qmap, "exp_avg_sq")};
   TORCH_CHECK(vmax.has_value() == vmax_absmax.has_value(), "distopt: max_exp_avg_sq needs its absmax");
   if (vmax.has_value()) s.push_back(quant_state(param, *vmax, *vmax_absmax, unsigned_qmap, "max_exp_avg_sq"));
-  TORCH_CHECK(m_absmax.numel() == v_absmax.numel(), "distopt: all states must share one block layout");
+  // one block layout for all: a smaller absmax of a later state would be read and written past its end
+  for (const Tensor* absmax : {&v_absmax, vmax_absmax.has_value() ? &*vmax_absmax : &v_absmax}) {
+    TORCH_CHECK(absmax->numel() == m_absmax.numel() && absmax->dim() == m_absmax.dim(),
+                "distopt: all states must share one block layout (their absmax shapes differ)");
+  }
   return s;
 }
 
@@ -195,9 +199,9 @@ void adamw8bit_multi_op(at::TensorList params, at::TensorList grads, at::TensorL
                         const Tensor& signed_qmap, const Tensor& unsigned_qmap, at::TensorList gnorm_scales,
                         at::TensorList counts, at::ArrayRef<double> coeffs) {
   IeeeMode mode;  // ieee_mode.h
-  if (params.empty()) return;
   check_lists(params, {grads, m, m_absmax, v, v_absmax, gnorm_scales, counts}, {vmax, vmax_absmax}, coeffs.size(), 7);
   TORCH_CHECK(vmax.size() == vmax_absmax.size(), "distopt: max_exp_avg_sqs need their absmaxes");
+  if (params.empty()) return;
   dispatch_dtype(params[0], "adamw8bit_multi_", [&](auto tag) {
     using P = decltype(tag);
     auto make = [&](size_t j) {
@@ -221,8 +225,8 @@ void sgd8bit_multi_op(at::TensorList params, at::TensorList grads, at::TensorLis
                       const Tensor& signed_qmap, at::TensorList gnorm_scales, at::TensorList counts,
                       at::ArrayRef<double> coeffs) {
   IeeeMode mode;  // ieee_mode.h
-  if (params.empty()) return;
   check_lists(params, {grads, bufs, buf_absmax, gnorm_scales, counts}, {}, coeffs.size(), 6);
+  if (params.empty()) return;
   dispatch_dtype(params[0], "sgd8bit_multi_", [&](auto tag) {
     using P = decltype(tag);
     auto make = [&](size_t j) {
@@ -243,9 +247,12 @@ void sgd8bit_multi_op(at::TensorList params, at::TensorList grads, at::TensorLis
 void add_one_op(at::TensorList counters) {
   for (const auto& t : counters) {  // all checked first
     const auto type = t.scalar_type();
-    TORCH_CHECK(t.numel() == 1 && t.device().is_cpu() &&
-                    (type == at::kFloat || type == at::kDouble || at::isIntegralType(type, /*includeBool=*/false)),
-                "distopt::add_one_ takes one-element CPU tensors of a float32, float64 or integer dtype");
+    // exactly the dtypes AT_DISPATCH_ALL_TYPES serves below (no unsigned type but uint8)
+    const bool served = type == at::kFloat || type == at::kDouble || type == at::kByte || type == at::kChar ||
+                        type == at::kShort || type == at::kInt || type == at::kLong;
+    TORCH_CHECK(t.numel() == 1 && t.device().is_cpu() && served,
+                "distopt::add_one_ takes one-element CPU tensors of dtype float32, float64, uint8 or a signed "
+                "integer type, not ", t.scalar_type(), " on ", t.device(), " with ", t.numel(), " elements");
   }
   for (const auto& t : counters) {
     AT_DISPATCH_ALL_TYPES(t.scalar_type(), "add_one_", [&] { *t.data_ptr<scalar_t>() += scalar_t(1); });
@@ -280,9 +287,14 @@ void update_checked_first(size_t n, const Make& make, const Update& update) {
   structs.reserve(n);
   coeffs.reserve(n);
   for (size_t j = 0; j < n; ++j) {
-    auto [a, c] = make(j);
-    structs.push_back(a);
-    coeffs.push_back(c);
+    try {
+      auto [a, c] = make(j);
+      structs.push_back(a);
+      coeffs.push_back(c);
+    } catch (c10::Error& e) {
+      if (n > 1) e.add_context(c10::str("distopt: (in parameter ", j, " of the ", n, " in this call)"));
+      throw;
+    }
   }
   update(structs.data(), coeffs.data(), static_cast<int64_t>(n));
 }
@@ -296,8 +308,8 @@ void update32_multi(at::TensorList params, at::TensorList grads, const std::vect
                     at::TensorList gnorm_scales, at::TensorList counts, at::ArrayRef<double> coeffs, size_t per,
                     const char* op, const CoeffsAt& coeffs_at, const Update& update) {
   IeeeMode mode;  // ieee_mode.h
-  if (params.empty()) return;
   check_lists(params, {grads, gnorm_scales, counts}, states, coeffs.size(), per);
+  if (params.empty()) return;
   dispatch_dtype(params[0], op, [&](auto tag) {
     using P = decltype(tag);
     update_checked_first(

@@ -127,7 +127,7 @@ class AdamW(QuantizedOptimizer):
 
     def coefficients(self, s) -> F.AdamWCoeffs:
         g = s.group
-        return F.AdamWCoeffs.for_step(g["lr"], tuple(g["betas"]), g["eps"], g["weight_decay"], s.step)
+        return F.AdamWCoeffs.for_step(g["lr"], g["betas"], g["eps"], g["weight_decay"], s.step)
 
 
 def _doc(title: str, bits_note: str = "", paged_note: str = "") -> str:

@@ -114,6 +114,7 @@ def allocate_state(opt, todo: list, checked: list, new=plain_tensor) -> list[fro
         new_slots: dict[str, torch.Tensor] = {}
         for slot, signed in slots_of[id(group)]:
             if slot not in state:
+                check_layout(opt, state, shard, slot, group, name)
                 allocate_slot(new_slots, p, shard, slot, signed, group, new, name)
         staged.append(new_slots)
     fresh = []
@@ -128,6 +129,32 @@ def allocate_state(opt, todo: list, checked: list, new=plain_tensor) -> list[fro
 
 
 _NONE: frozenset[str] = frozenset()
+
+
+def layout_of(eight_bit: bool, block_wise: bool) -> str:
+    return "32-bit" if not eight_bit else "8-bit block-wise" if block_wise else "8-bit per-tensor"
+
+
+def check_layout(opt, state: dict, shard: RowShard, slot: str, group, name: object) -> None:
+    """A slot allocated next to existing ones must take their layout (8-bit or 32-bit,
+    block-wise or per-tensor absmax): the updates take all of a parameter's states in one
+    layout. The group's layout settings may have changed since (``optim_bits``,
+    ``min_8bit_size``, ``block_wise``, then ``amsgrad`` or ``momentum`` turned on): that
+    is refused here, before anything changed."""
+    existing = [k for k in opt.all_slots if k in state]
+    if not existing:
+        return
+    absmax = state.get(f"{existing[0]}_absmax")
+    has = layout_of(absmax is not None, absmax is not None and absmax.dim() == 2)
+    wants = layout_of(
+        uses_8bit_state(shard.global_shape, group["optim_bits"], group["min_8bit_size"]), group["block_wise"]
+    )
+    if has != wants:
+        raise ValueError(
+            f"distopt: {name} keeps {has} state ({existing[0]!r}), but its group's settings now give its new "
+            f"{slot!r} {wants} state; a parameter's state layout (optim_bits, min_8bit_size, block_wise) cannot "
+            "change once it has state"
+        )
 
 
 def check(p: torch.Tensor, name: object, declared: dict) -> tuple[torch.Tensor, RowShard]:
