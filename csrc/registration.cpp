@@ -41,10 +41,10 @@ TORCH_LIBRARY(distopt, m) {
       "Tensor momentum_buffer_absmax, Tensor signed_qmap, Tensor gnorm_scale, float lr, "
       "float weight_decay, float momentum, float dampening_weight, bool nesterov, "
       "bool first_step) -> Tensor");
-  // 32-bit updates of many parameters in one call (CPU: one after another; CUDA: in few
-  // launches): per-parameter lists (an empty list: no such state) and `coeffs`, the
-  // scalars above per parameter, flattened (7 for AdamW; 6 for SGD, nesterov and
-  // first_step as 0/1).
+  // 32-bit updates of many parameters in one call (CPU: their elements shared among the
+  // threads; CUDA: in few launches): per-parameter lists (an empty list: no such state)
+  // and `coeffs`, the scalars above per parameter, flattened (7 for AdamW; 6 for SGD,
+  // nesterov and first_step as 0/1).
   m.def(
       "adamw32_multi_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor[] gnorm_scales, Tensor(e!)[] nonfinite_counts, float[] coeffs) -> ()");

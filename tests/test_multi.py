@@ -20,24 +20,30 @@ from distopt.optim import stepping
 from tests.conftest import backend, threads
 from tests.registry import CASES, DTYPES, SHAPES, assert_bitwise_equal, clone_params, make_params, run_steps
 
-# tail blocks, an empty parameter, exact blocks, 3-D, one block: the ops share the
-# blocks (elements) of all of them among the threads, so a task spans several
-MULTI_SHAPES = [(33, 300), (0, 300), (8, 256), (7, 3, 40), (1, 64)]
-ADAMW = [AdamWCoeffs.for_step(1e-3 * (k + 1), (0.9, 0.99), 1e-8, 0.1 * k, k + 1) for k in range(len(MULTI_SHAPES))]
-SGD = [
-    SGDCoeffs.for_step(0.05 * (k + 1), 0.9, 0.1 * (k % 2), 0.01 * k, False, k == 0) for k in range(len(MULTI_SHAPES))
-]
+# The ops share the blocks (elements) of all of a call's parameters among the threads,
+# so a task may span several. "mixed": tail blocks, an empty parameter, exact blocks,
+# 3-D, one block; "boundary": 2 x 16 blocks (2 x 4096 elements) around an empty one, so
+# that with 2 threads the second task starts exactly at a parameter.
+LAYOUTS = {
+    "mixed": [(33, 300), (0, 300), (8, 256), (7, 3, 40), (1, 64)],
+    "boundary": [(16, 256), (0, 300), (16, 256)],
+}
+ADAMW = [AdamWCoeffs.for_step(1e-3 * (k + 1), (0.9, 0.99), 1e-8, 0.1 * k, k + 1) for k in range(5)]
+SGD = [SGDCoeffs.for_step(0.05 * (k + 1), 0.9, 0.1 * (k % 2), 0.01 * k, False, k == 0) for k in range(5)]
+# non-finite and overflowing gradients in several parameters: (element, value) by position
+BAD = {0: (300, float("nan")), 2: (5, float("inf")), 3: (7, float("-inf")), 4: (10, 3e38)}
 
 
-def parameters(dtype, *, bits: int, states: int, signed=(True, False, False)):
-    """Per parameter: param, grad (one with a NaN), states (codes + absmax, or fp32), scale, count."""
+def parameters(dtype, *, bits: int, states: int, layout: str = "mixed", signed=(True, False, False)):
+    """Per parameter: param, grad (some with a non-finite or overflowing value), states
+    (codes + absmax, or fp32), scale, count."""
     gen = torch.Generator().manual_seed(0)
     out = []
-    for k, shape in enumerate(MULTI_SHAPES):
+    for k, shape in enumerate(LAYOUTS[layout]):
         p = torch.randn(shape, generator=gen).to(dtype)
         g = (torch.randn(shape, generator=gen) * 0.1).to(dtype)
-        if k == 0:
-            g.view(-1)[300] = float("nan")  # one block (8-bit) or element (32-bit) skipped
+        if k in BAD and g.numel() > BAD[k][0]:
+            g.view(-1)[BAD[k][0]] = BAD[k][1]  # its block (8-bit) or element (32-bit) skipped
         slots = []
         for s in range(states):
             x = torch.randn(shape, generator=gen) if signed[s] else torch.rand(shape, generator=gen)
@@ -66,18 +72,23 @@ def assert_same(a, b):
                 assert_bitwise_equal(t, u)
 
 
-@pytest.mark.parametrize("nthreads", [2, 1, 3], ids=lambda n: f"{n}threads")
+THREADS = pytest.mark.parametrize("nthreads", [2, 1, 3], ids=lambda n: f"{n}threads")
+LAYOUT = pytest.mark.parametrize("layout", list(LAYOUTS))
+
+
+@LAYOUT
+@THREADS
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("amsgrad", [False, True], ids=["adamw", "amsgrad"])
-def test_adamw8bit_multi_matches_one_call_per_parameter(kernels_built, dtype, amsgrad, nthreads):
+def test_adamw8bit_multi_matches_one_call_per_parameter(kernels_built, dtype, amsgrad, nthreads, layout):
     with threads(nthreads):
-        adamw8bit_both_ways(dtype, amsgrad)
+        adamw8bit_both_ways(dtype, amsgrad, layout)
 
 
-def adamw8bit_both_ways(dtype, amsgrad):
+def adamw8bit_both_ways(dtype, amsgrad, layout):
     ops, s, u = _ops.ops(), quant.qmap(True), quant.qmap(False)
     nstates = 3 if amsgrad else 2
-    many = parameters(dtype, bits=8, states=nstates)
+    many = parameters(dtype, bits=8, states=nstates, layout=layout)
     one = cloned(many)
     for (p, g, slots, scale, count), c in zip(one, ADAMW):
         vmax = slots[2] if amsgrad else [None, None]
@@ -91,16 +102,24 @@ def adamw8bit_both_ways(dtype, amsgrad):
         u,
         [x[3] for x in many],
         [x[4] for x in many],
-        flat(ADAMW),
+        flat(ADAMW[: len(many)]),
     )
     assert_same(many, one)
     assert many[0][4].item() == 256  # the NaN's block, counted once
+    assert [x[4].item() > 0 for x in many][2:] == [True] * (len(many) - 2)  # and the later ones
 
 
+@LAYOUT
+@THREADS
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_sgd8bit_multi_matches_one_call_per_parameter(kernels_built, dtype):
+def test_sgd8bit_multi_matches_one_call_per_parameter(kernels_built, dtype, nthreads, layout):
+    with threads(nthreads):
+        sgd8bit_both_ways(dtype, layout)
+
+
+def sgd8bit_both_ways(dtype, layout):
     ops, s = _ops.ops(), quant.qmap(True)
-    many = parameters(dtype, bits=8, states=1)
+    many = parameters(dtype, bits=8, states=1, layout=layout)
     one = cloned(many)
     for (p, g, slots, scale, count), c in zip(one, SGD):
         ops.sgd8bit_(p, g, *slots[0], s, None, scale, count, *c.scalars)
@@ -112,45 +131,64 @@ def test_sgd8bit_multi_matches_one_call_per_parameter(kernels_built, dtype):
         s,
         [x[3] for x in many],
         [x[4] for x in many],
-        flat(SGD),
+        flat(SGD[: len(many)]),
     )
     assert_same(many, one)
 
 
-@pytest.mark.parametrize("nthreads", [2, 1, 3], ids=lambda n: f"{n}threads")
+@LAYOUT
+@THREADS
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("amsgrad", [False, True], ids=["adamw", "amsgrad"])
-def test_adamw32_multi_matches_one_call_per_parameter(kernels_built, dtype, amsgrad, nthreads):
+def test_adamw32_multi_matches_one_call_per_parameter(kernels_built, dtype, amsgrad, nthreads, layout):
     with threads(nthreads):
-        adamw32_both_ways(dtype, amsgrad)
+        adamw32_both_ways(dtype, amsgrad, layout)
 
 
-def adamw32_both_ways(dtype, amsgrad):
+def adamw32_both_ways(dtype, amsgrad, layout):
     ops, nstates = _ops.ops(), 3 if amsgrad else 2
-    many = parameters(dtype, bits=32, states=nstates)
+    many = parameters(dtype, bits=32, states=nstates, layout=layout)
     one = cloned(many)
     for (p, g, slots, scale, count), c in zip(one, ADAMW):
         vmax = slots[2][0] if amsgrad else None
         ops.adamw32_(p, g, slots[0][0], slots[1][0], vmax, scale, count, *c.scalars)
     lists = [[x[2][k][0] for x in many] if k < nstates else [] for k in range(3)]
     ops.adamw32_multi_(
-        [x[0] for x in many], [x[1] for x in many], *lists, [x[3] for x in many], [x[4] for x in many], flat(ADAMW)
+        [x[0] for x in many],
+        [x[1] for x in many],
+        *lists,
+        [x[3] for x in many],
+        [x[4] for x in many],
+        flat(ADAMW[: len(many)]),
     )
     assert_same(many, one)
     assert many[0][4].item() == 1
+    assert [x[4].item() for x in many][2:] == [1] * (len(many) - 2)
 
 
+@LAYOUT
+@THREADS
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("momentum", [True, False], ids=["momentum", "none"])
-def test_sgd32_multi_matches_one_call_per_parameter(kernels_built, dtype, momentum):
+def test_sgd32_multi_matches_one_call_per_parameter(kernels_built, dtype, momentum, nthreads, layout):
+    with threads(nthreads):
+        sgd32_both_ways(dtype, momentum, layout)
+
+
+def sgd32_both_ways(dtype, momentum, layout):
     ops = _ops.ops()
-    many = parameters(dtype, bits=32, states=1 if momentum else 0)
+    many = parameters(dtype, bits=32, states=1 if momentum else 0, layout=layout)
     one = cloned(many)
     for (p, g, slots, scale, count), c in zip(one, SGD):
         ops.sgd32_(p, g, slots[0][0] if momentum else None, scale, count, *c.scalars)
     bufs = [x[2][0][0] for x in many] if momentum else []
     ops.sgd32_multi_(
-        [x[0] for x in many], [x[1] for x in many], bufs, [x[3] for x in many], [x[4] for x in many], flat(SGD)
+        [x[0] for x in many],
+        [x[1] for x in many],
+        bufs,
+        [x[3] for x in many],
+        [x[4] for x in many],
+        flat(SGD[: len(many)]),
     )
     assert_same(many, one)
 
@@ -164,17 +202,36 @@ def test_a_refused_multi_call_changes_nothing(kernels_built):
     lists = [[x[2][k][i] for x in many] for k in range(2) for i in range(2)]
     with pytest.raises(RuntimeError, match=r"grad shape(.|\n)*in parameter 3 of the 5 in this call"):
         ops.adamw8bit_multi_(
-            [x[0] for x in many], grads, *lists, [], [], s, u, [x[3] for x in many], [x[4] for x in many], flat(ADAMW)
+            [x[0] for x in many],
+            grads,
+            *lists,
+            [],
+            [],
+            s,
+            u,
+            [x[3] for x in many],
+            [x[4] for x in many],
+            flat(ADAMW[: len(many)]),
         )
     assert_same(many, before)
     # and the lists must agree in length, and the coefficients with them
     with pytest.raises(RuntimeError, match="one entry per parameter"):
         ops.sgd32_multi_(
-            [x[0] for x in many], [x[1] for x in many][:-1], [], [x[3] for x in many], [x[4] for x in many], flat(SGD)
+            [x[0] for x in many],
+            [x[1] for x in many][:-1],
+            [],
+            [x[3] for x in many],
+            [x[4] for x in many],
+            flat(SGD[: len(many)]),
         )
     with pytest.raises(RuntimeError, match="6 values per parameter"):
         ops.sgd32_multi_(
-            [x[0] for x in many], [x[1] for x in many], [], [x[3] for x in many], [x[4] for x in many], flat(SGD)[:-1]
+            [x[0] for x in many],
+            [x[1] for x in many],
+            [],
+            [x[3] for x in many],
+            [x[4] for x in many],
+            flat(SGD[: len(many)])[:-1],
         )
     with pytest.raises(RuntimeError, match="one entry per parameter"):  # no parameters, but a gradient
         ops.sgd32_multi_([], [many[0][1]], [], [], [], [])
@@ -295,3 +352,29 @@ def test_step_in_few_calls_on_mixed_groups(kernels_built, name, cls, kwargs, sec
         assert_bitwise_equal(p, q)
         for key, value in opt.state[p].items():
             assert_bitwise_equal(value, one_by_one.state[q][key])
+
+
+@pytest.mark.parametrize("cls", [distopt.AdamW8bit, distopt.AdamW32bit, distopt.SGD8bit, distopt.SGD32bit], ids=str)
+def test_a_parameter_listed_twice_is_updated_twice_in_order(kernels_built, cls, monkeypatch):
+    """torch only warns about a group that holds a parameter twice. The two updates of
+    one call would write the same memory from different threads; the op runs such
+    parameters one after another instead, as one call each would: the results do not
+    depend on the thread count and equal the one-by-one path's."""
+    kwargs = {"lr": 0.05, "momentum": 0.9} if issubclass(cls, distopt.SGD) else {}
+    runs = []
+    for nthreads, grouped in ((1, True), (2, True), (3, True), (2, False)):
+        gen = torch.Generator().manual_seed(0)
+        p, other = (torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in ((64, 256), (32, 256)))
+        with pytest.warns(UserWarning, match="duplicate parameters"):
+            opt = cls([p, other, p], min_8bit_size=64, **kwargs)
+        if not grouped:
+            monkeypatch.setattr(stepping, "update_in_few_calls", lambda steps, *rest: steps)
+        with threads(nthreads), backend("fused"):
+            for k in range(3):
+                gen = torch.Generator().manual_seed(100 + k)
+                p.grad, other.grad = (torch.randn(t.shape, generator=gen) for t in (p, other))
+                opt.step()
+        runs.append([p, other, *opt.state[p].values(), *opt.state[other].values()])
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert_bitwise_equal(a, b)

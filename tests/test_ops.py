@@ -81,3 +81,9 @@ def test_ops_reject_mismatched_inputs_with_clear_errors(kernels_built):
         )
     with pytest.raises(RuntimeError, match="unsupported dtype"):
         _ops.ops().row_sumsq(torch.randn(3, 3, dtype=torch.float64))
+    strided = torch.stack([s, s], dim=1)[:, 0]  # the signed map's values, every other float
+    assert torch.equal(strided, s) and not strided.is_contiguous()
+    with pytest.raises(RuntimeError, match="256 contiguous fp32 values"):
+        _ops.ops().dequantize_blockwise(*m, strided)
+    with pytest.raises(RuntimeError, match="256 contiguous fp32 values"):
+        _ops.ops().sgd8bit_(p, p, *m, strided, None, torch.tensor(1.0), torch.zeros((), dtype=torch.int64), *SGD)

@@ -24,7 +24,7 @@ float from_bits(uint32_t bits) {
 // bisection. Each bucket is then checked against encode_fast at its first and last
 // value and on both sides of that rank; buckets of infinities and NaNs never step up,
 // as in encode_fast.
-void build_entries(FastCodebook& fb) {
+[[maybe_unused]] void build_entries(FastCodebook& fb) {
   constexpr uint32_t kNever = 0x10000u;
   for (uint32_t b = 0; b < (1u << 16); ++b) {
     const bool negative = b >> 15;
@@ -53,7 +53,7 @@ void build_entries(FastCodebook& fb) {
 }
 
 // FastCodebook::compact from `entry`, and whether it stands for every bucket it serves.
-void build_compact(FastCodebook& fb) {
+[[maybe_unused]] void build_compact(FastCodebook& fb) {
   constexpr uint32_t low = FastCodebook::kCompactLow, high = FastCodebook::kCompactHigh;
   constexpr uint32_t size = FastCodebook::kCompactSize;
   fb.compact_ok = true;
@@ -268,10 +268,14 @@ std::unique_ptr<FastCodebook> build(const float* qmap) {
                   "cannot serve it");
     }
   }
-  build_entries(*fb);
+#if defined(DISTOPT_CPU_AVX512) || defined(DISTOPT_CPU_AVX2)
+  build_entries(*fb);  // (the vector encoders' tables; the scalar one reads `bucket`)
+#endif
+#if defined(DISTOPT_CPU_AVX512)
   build_compact(*fb);
+#endif
 #if defined(DISTOPT_CPU_AVX2)
-  build_entry16(*fb);  // (only the AVX2 encoder uses it)
+  build_entry16(*fb);
 #endif
 #if defined(DISTOPT_CPU_AVX512)
   build_segments(*fb);  // (only the AVX-512 encoder uses it)

@@ -36,7 +36,7 @@ namespace distopt::cpu {
 // transcription.
 struct SegmentEncoder {
   static constexpr int kSlots = 16;  // segments per side: slot = side * kSlots + segment
-  bool ok;                           // false: this map does not fit; entries() serves it
+  bool ok;                           // false: this map does not fit; the gather of `entry` serves it
   uint32_t exponent_low;             // binades (biased exponents) clamp to [low, low + 31]
   int32_t first_slot[2][32];         // [side][exponent % 32]: the slot its binade starts in
   float anchor[2 * kSlots];          // |x| >= anchor[slot]: x lies in slot + 1 (+inf: none)
@@ -55,6 +55,8 @@ struct FastCodebook {
   float threshold[256];  // book.threshold, then +inf
   uint8_t positive_floor;  // 1 for maps starting at 0 (see quant.h's floor_positive), else 0
   uint8_t bucket[1 << 16];
+  // The tables below are built only for the builds that read them: `entry` for the
+  // vector builds, `compact` and `segments` for AVX-512, `entry16` for AVX2.
   // For SIMD, bucket and threshold test in one 32-bit entry, read by one gather:
   // code | key << 8, where the value reaches the next threshold iff its low 16 bits,
   // flipped for negative values (so that they grow with the value), are >= key

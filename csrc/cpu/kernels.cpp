@@ -309,8 +309,11 @@ class SkipCounts {
 template <int NS, typename P, typename Rule>
 void run_8bit_n(const Blocked8bit<P>* a, const Rule* rule, int64_t n, float* max_out) {
   std::vector<std::array<const FastCodebook*, 3>> books(n, {nullptr, nullptr, nullptr});
-  for (int64_t j = 0; j < n; ++j) {
-    for (int s = 0; s < NS; ++s) books[j][s] = &fast_codebook(a[j].state[s].qmap);
+  for (int64_t j = 0; j < n; ++j) {  // (a call's parameters share their maps, as a rule: looked up once)
+    for (int s = 0; s < NS; ++s) {
+      const bool same = j > 0 && a[j].state[s].qmap == a[j - 1].state[s].qmap;
+      books[j][s] = same ? books[j - 1][s] : &fast_codebook(a[j].state[s].qmap);
+    }
   }
   const Units blocks(n, [&](int64_t j) { return a[j].rows * ceil_div(a[j].row_length, kBlockSize); });
   SkipCounts skipped(n);

@@ -5,6 +5,8 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <utility>
 #include <vector>
 
@@ -30,6 +32,12 @@ void check_state32(const Tensor& param, const Tensor& state, const char* name) {
               "distopt: ", name, " must be a contiguous fp32 tensor shaped like the parameter");
 }
 
+// A quantization map: 256 contiguous fp32 values (the kernels read them from its data pointer).
+void check_qmap(const Tensor& qmap) {
+  TORCH_CHECK(qmap.scalar_type() == at::kFloat && qmap.numel() == 256 && qmap.is_contiguous(),
+              "distopt: qmap must be 256 contiguous fp32 values");
+}
+
 QuantState quant_state(const Tensor& param, const Tensor& codes, const Tensor& absmax, const Tensor& qmap,
                        const char* name) {
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.sizes() == param.sizes(),
@@ -38,7 +46,7 @@ QuantState quant_state(const Tensor& param, const Tensor& codes, const Tensor& a
   TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.is_contiguous() &&
                   (absmax.numel() == blocks || absmax.numel() == 1),
               "distopt: ", name, "_absmax must be contiguous fp32 with one value per block or one in all");
-  TORCH_CHECK(qmap.scalar_type() == at::kFloat && qmap.numel() == 256, "distopt: qmap must be 256 fp32 values");
+  check_qmap(qmap);
   return {codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), qmap.data_ptr<float>()};
 }
 
@@ -187,6 +195,93 @@ Tensor sgd8bit_new_absmax_op(const Tensor& param, const Tensor& grad, const Tens
   return out;
 }
 
+// The bytes an update of parameter j writes: its parameter and its states.
+struct Written {
+  uintptr_t begin, end;
+  size_t owner;
+};
+
+template <typename T>
+void add_written(std::vector<Written>& out, const T* data, int64_t count, size_t owner) {
+  if (count > 0) {
+    const auto begin = reinterpret_cast<uintptr_t>(data);
+    out.push_back({begin, begin + static_cast<uintptr_t>(count) * sizeof(T), owner});
+  }
+}
+
+template <typename P>
+void add_written(std::vector<Written>& out, const Blocked8bit<P>& a, size_t owner) {
+  const int64_t numel = a.rows * a.row_length;
+  add_written(out, a.param, numel, owner);
+  for (int s = 0; s < a.nstates; ++s) {
+    add_written(out, a.state[s].codes, numel, owner);
+    add_written(out, a.state[s].absmax, a.block_wise ? a.rows * ceil_div(a.row_length, kBlockSize) : 1, owner);
+  }
+}
+
+template <typename P>
+void add_written(std::vector<Written>& out, const Elementwise32bit<P>& a, size_t owner) {
+  add_written(out, a.param, a.numel, owner);
+  for (int s = 0; s < a.nstates; ++s) add_written(out, a.state[s], a.numel, owner);
+}
+
+// Whether two of the parameters' updates write overlapping memory (a parameter listed
+// twice, or two sharing storage). Sorted by start, a range overlaps an earlier one of
+// another parameter iff it starts before the furthest end among the earlier ranges of
+// parameters other than its own: the furthest end of all and the furthest of the other
+// parameters than that one's are kept.
+template <typename Struct>
+bool updates_overlap(const std::vector<Struct>& structs) {
+  std::vector<Written> ranges;
+  for (size_t j = 0; j < structs.size(); ++j) add_written(ranges, structs[j], j);
+  std::sort(ranges.begin(), ranges.end(), [](const Written& x, const Written& y) { return x.begin < y.begin; });
+  uintptr_t best_end = 0, other_end = 0;  // other_end: the furthest end of a parameter other than best_owner
+  size_t best_owner = SIZE_MAX;
+  for (const Written& r : ranges) {
+    if (r.begin < (r.owner == best_owner ? other_end : best_end)) return true;
+    if (r.owner == best_owner) {
+      best_end = std::max(best_end, r.end);
+    } else if (r.end > best_end) {
+      other_end = best_end;
+      best_end = r.end;
+      best_owner = r.owner;
+    } else {
+      other_end = std::max(other_end, r.end);
+    }
+  }
+  return false;
+}
+
+// Builds (and so checks) the kernel struct and coefficients of every parameter 0..n-1
+// with make(j), then runs update(structs, coefficients, n) once: a refused call changes
+// nothing, and the kernel shares the work of all the parameters among its threads.
+// Parameters whose updates write overlapping memory (a parameter listed twice) are
+// updated one after another instead, as one call each would update them: shared
+// among the threads, their blocks would race.
+template <typename Make, typename Update>
+void update_checked_first(size_t n, const Make& make, const Update& update) {
+  using Pair = decltype(make(size_t{0}));
+  std::vector<typename Pair::first_type> structs;
+  std::vector<typename Pair::second_type> coeffs;
+  structs.reserve(n);
+  coeffs.reserve(n);
+  for (size_t j = 0; j < n; ++j) {
+    try {
+      auto [a, c] = make(j);
+      structs.push_back(a);
+      coeffs.push_back(c);
+    } catch (c10::Error& e) {
+      if (n > 1) e.add_context(c10::str("distopt: (in parameter ", j, " of the ", n, " in this call)"));
+      throw;
+    }
+  }
+  if (n > 1 && updates_overlap(structs)) {
+    for (size_t j = 0; j < n; ++j) update(&structs[j], &coeffs[j], 1);
+    return;
+  }
+  update(structs.data(), coeffs.data(), static_cast<int64_t>(n));
+}
+
 // The 8-bit updates of many parameters with block-wise state in one call (the
 // *8bit_multi_ schemas): each parameter exactly as adamw8bit_ / sgd8bit_ updates it
 // with block-wise state, checked before the first is updated.
@@ -276,29 +371,6 @@ Elementwise32bit<P> elementwise(const Tensor& param, const Tensor& grad, const s
   return a;
 }
 
-// Builds (and so checks) the kernel struct and coefficients of every parameter 0..n-1
-// with make(j), then runs update(structs, coefficients, n) once: a refused call changes
-// nothing, and the kernel shares the work of all the parameters among its threads.
-template <typename Make, typename Update>
-void update_checked_first(size_t n, const Make& make, const Update& update) {
-  using Pair = decltype(make(size_t{0}));
-  std::vector<typename Pair::first_type> structs;
-  std::vector<typename Pair::second_type> coeffs;
-  structs.reserve(n);
-  coeffs.reserve(n);
-  for (size_t j = 0; j < n; ++j) {
-    try {
-      auto [a, c] = make(j);
-      structs.push_back(a);
-      coeffs.push_back(c);
-    } catch (c10::Error& e) {
-      if (n > 1) e.add_context(c10::str("distopt: (in parameter ", j, " of the ", n, " in this call)"));
-      throw;
-    }
-  }
-  update(structs.data(), coeffs.data(), static_cast<int64_t>(n));
-}
-
 // The 32-bit updates of many parameters in one call (the *_multi_ schemas): each
 // parameter exactly as adamw32_ / sgd32_ updates it, with its own coefficients (`per`
 // doubles each in `coeffs`, turned into the kernel's by `coeffs_at`), gnorm scale and
@@ -371,7 +443,7 @@ Tensor row_sumsq_op(const Tensor& grad) {
 std::tuple<Tensor, Tensor> quantize_blockwise_op(const Tensor& x, const Tensor& qmap, bool block_wise) {
   IeeeMode mode;  // ieee_mode.h
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "distopt: quantize_blockwise takes contiguous fp32");
-  TORCH_CHECK(qmap.scalar_type() == at::kFloat && qmap.numel() == 256, "distopt: qmap must be 256 fp32 values");
+  check_qmap(qmap);
   const int64_t rows = rows_of(x), blocks_per_row = ceil_div(row_length_of(x), kBlockSize);
   Tensor codes = at::empty(x.sizes(), x.options().dtype(at::kByte));
   Tensor absmax = block_wise ? at::zeros({rows, blocks_per_row}, x.options()) : at::zeros({1}, x.options());
@@ -384,7 +456,7 @@ std::tuple<Tensor, Tensor> quantize_blockwise_op(const Tensor& x, const Tensor& 
 Tensor dequantize_blockwise_op(const Tensor& codes, const Tensor& absmax, const Tensor& qmap) {
   IeeeMode mode;  // ieee_mode.h
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous(), "distopt: codes must be contiguous uint8");
-  TORCH_CHECK(qmap.scalar_type() == at::kFloat && qmap.numel() == 256, "distopt: qmap must be 256 fp32 values");
+  check_qmap(qmap);
   const int64_t blocks = rows_of(codes) * ceil_div(row_length_of(codes), kBlockSize);
   TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.is_contiguous() &&
                   (absmax.numel() == blocks || absmax.numel() == 1),
