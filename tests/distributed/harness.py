@@ -3,12 +3,14 @@
 Each rank is a spawned process (no fork: OpenMP and gloo are not fork-safe) that joins
 a process group through a FileStore in a temporary directory, so no port is needed.
 A rank that raises has its traceback re-raised in the test; a run past its deadline
-kills every rank and fails the test.
+kills every rank and fails the test; a rank that finishes leaves without the
+interpreter's finalization (see exit_without_finalization).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 import traceback
@@ -33,6 +35,20 @@ def _worker(fn, rank: int, world_size: int, tmp: str, threads: int, args: tuple)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    exit_without_finalization()
+
+
+def exit_without_finalization() -> None:
+    """End a rank that finished cleanly (its result saved, its process group destroyed)
+    without the interpreter's finalization. A gloo worker thread may still hold the last
+    reference to a tensor of a finished collective (torch's own collectives in the state
+    dict utilities included); freeing it needs the GIL, and during finalization that
+    aborts the process ("terminate called without an active exception", seen once in a
+    CI run after the barrier made it rare; pytorch/pytorch#179291 describes it). Nothing
+    is left to finalize: results and errors are in files."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run(fn, world_size: int, *args, threads: int = 1, timeout: float = 240.0) -> list:
