@@ -35,7 +35,9 @@ Extra tables, after the throughput tables, all from the same run:
   percentage of the probe's GB/s;
 - with ``--extras``: the cost of ``percentile_clipping=95`` (AdamW8bit with over without, a
   time ratio, each workload); thread scaling of distopt AdamW8bit and torch AdamW fused at 1
-  and 2 threads (single workload, speed-up = time at 1 / time at 2); extra memory during
+  and 2 threads (single workload, speed-up = time at 1 / time at 2). These two time their
+  pair's steps in turns (``interleaved_median_seconds``), as their ratios are the result and
+  this kind of VM's speed drifts by up to 2x within a run; extra memory during
   ``step()`` after the first, in a fresh ``python -c`` process per optimizer (single
   workload): the ``ru_maxrss`` growth over ``--steps`` steps that follow the first step
   (which allocates the state; on Linux the peak is reset after it through
@@ -285,6 +287,32 @@ def median_seconds(fn: Callable[[], object], steps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
+def interleaved_median_seconds(
+    fns: Sequence[Callable[[], object]],
+    steps: int,
+    warmup: int,
+    before: Sequence[Callable[[], object]] | None = None,
+) -> list[float]:
+    """Median seconds of each of ``fns``, timed in turns: one call of each per round, the order
+    reversed every other round, so that a drift in the machine's speed (a busy neighbour on a
+    VM) falls on all of them alike and their ratio keeps. ``before[i]``, when given, runs
+    untimed ahead of each call of ``fns[i]`` (setting a thread count, say)."""
+    before = before or [lambda: None] * len(fns)
+    for fn, prepare in zip(fns, before, strict=True):
+        for _ in range(warmup):
+            prepare()
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for step in range(steps):
+        order = range(len(fns)) if step % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            before[i]()
+            start = time.perf_counter()
+            fns[i]()
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
 def measure(
     factory: Factory,
     shapes: Sequence[Shape],
@@ -370,31 +398,37 @@ def bandwidth(rows: list[Row], probe: Probe) -> list[Bandwidth]:
 
 
 def measure_clipping(workload: str, shapes: Sequence[Shape], args: argparse.Namespace) -> Clipping:
-    """AdamW8bit with ``percentile_clipping=95`` against without, on the same parameters."""
+    """AdamW8bit with ``percentile_clipping=95`` against without, each on its own copy of the
+    same parameters, their steps timed in turns."""
     dtype = WORKLOAD_DTYPES.get(workload, torch.float32)
-    without, _ = measure(lambda ps: distopt.AdamW8bit(ps), shapes, args.steps, args.warmup, dtype=dtype)
-    with_, _ = measure(
-        lambda ps: distopt.AdamW8bit(ps, percentile_clipping=CLIP_PERCENTILE),
-        shapes,
-        args.steps,
-        args.warmup,
-        dtype=dtype,
-    )
+    without = distopt.AdamW8bit(make_params(shapes, dtype=dtype))
+    with_ = distopt.AdamW8bit(make_params(shapes, dtype=dtype), percentile_clipping=CLIP_PERCENTILE)
+    try:
+        ms_without, ms_with = (
+            s * 1e3 for s in interleaved_median_seconds([without.step, with_.step], args.steps, args.warmup)
+        )
+    finally:
+        del without, with_
+        gc.collect()
     numel = sum(math.prod(s) for s in shapes)
-    return Clipping(workload, numel, CLIP_PERCENTILE, without * 1e3, with_ * 1e3, with_ / without)
+    return Clipping(workload, numel, CLIP_PERCENTILE, ms_without, ms_with, ms_with / ms_without)
 
 
 def measure_scaling(shapes: Sequence[Shape], args: argparse.Namespace) -> list[Scaling]:
-    """distopt AdamW8bit and torch AdamW fused at 1 and 2 threads; speed-up = t(1) / t(2)."""
+    """distopt AdamW8bit and torch AdamW fused at 1 and 2 threads, each optimizer's steps at
+    the two thread counts timed in turns; speed-up = t(1) / t(2)."""
     factories = {c.name: c.factory for c in candidates() if c.name in SCALING_OPTIMIZERS}
     numel = sum(math.prod(s) for s in shapes)
     out = []
     try:
         for name in SCALING_OPTIMIZERS:
-            ms = {}
-            for n in SCALING_THREADS:
-                torch.set_num_threads(n)
-                ms[str(n)] = measure(factories[name], shapes, args.steps, args.warmup)[0] * 1e3
+            opt = factories[name](make_params(shapes))
+            set_threads = [lambda n=n: torch.set_num_threads(n) for n in SCALING_THREADS]
+            seconds = interleaved_median_seconds([opt.step] * len(SCALING_THREADS), args.steps, args.warmup,
+                                                 before=set_threads)  # fmt: skip
+            del opt
+            gc.collect()
+            ms = {str(n): s * 1e3 for n, s in zip(SCALING_THREADS, seconds, strict=True)}
             first, last = (ms[str(n)] for n in (SCALING_THREADS[0], SCALING_THREADS[-1]))
             out.append(Scaling(name, "single", numel, ms, first / last))
     finally:

@@ -136,6 +136,19 @@ def test_clipping_cost_is_a_same_run_time_ratio(report):
         assert c["time_ratio"] == pytest.approx(c["ms_with"] / c["ms_without"])
 
 
+def test_interleaved_timing_alternates_the_order_and_prepares_each_call(monkeypatch):
+    calls: list[str] = []
+    fns = [lambda: calls.append("a"), lambda: calls.append("b")]
+    before = [lambda: calls.append("set a"), lambda: calls.append("set b")]
+    clock = iter(range(100))  # each perf_counter() call one second later: every call takes 1 s
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    medians = bench.interleaved_median_seconds(fns, steps=3, warmup=1, before=before)
+    assert medians == [1, 1]
+    warm, timed = calls[:4], calls[4:]
+    assert warm == ["set a", "a", "set b", "b"]
+    assert timed == ["set a", "a", "set b", "b", "set b", "b", "set a", "a", "set a", "a", "set b", "b"]
+
+
 def test_thread_scaling_at_one_and_two_threads(report):
     scaling = {s["name"]: s for s in report[1]["thread_scaling"]}
     assert set(scaling) == {"distopt AdamW8bit", "torch AdamW fused"}
