@@ -12,7 +12,10 @@ gradients (fresh copies from one seed per optimizer; gradients set once and reus
   run is a row with the error. Nothing is ever installed from here.
 
 Throughput is elements per second: parameter elements over the median of ``--steps``
-timed ``opt.step()`` calls, after ``--warmup`` untimed ones (the first step allocates state
+timed ``opt.step()`` calls, after ``--warmup`` untimed ones. The torch baselines run alone
+first; every other optimizer then runs with its family's baseline beside it (each on its
+own copy of the parameters), the two stepping in turns, and its ratio is the baseline's
+median over its own from that pair: drift in the machine's speed falls on both (the first step allocates state
 and may build distopt's C++ kernels; torchao compiles on its first step). State bytes per
 parameter element count each per-parameter state tensor once; the scalars ``step`` and
 ``nonfinite_count`` and bitsandbytes' shared quantization maps (``qmap*``) are excluded.
@@ -106,6 +109,7 @@ class Row:
     state_bytes_per_param: float | None
     baseline: str
     ratio_vs_baseline: float | None = None
+    baseline_ms_paired: float | None = None  # the baseline's ms/step, timed in turns with this row's
     notes: str = ""
 
 
@@ -318,56 +322,82 @@ def measure(
     shapes: Sequence[Shape],
     steps: int,
     warmup: int,
-    seed: int = 0,
     dtype: torch.dtype = torch.float32,
-) -> tuple[float, int]:
-    """Median seconds per ``opt.step()`` and state bytes, on fresh parameters of ``shapes``."""
-    params = make_params(shapes, seed, dtype)
-    opt = factory(params)
+    paired: Factory | None = None,
+) -> tuple[float, int, float | None]:
+    """Median seconds per ``opt.step()``, state bytes, and, with ``paired``, the median seconds
+    of a second optimizer on its own copy of the same parameters, the two timed in turns."""
+    opts = [factory(make_params(shapes, dtype=dtype))]
+    if paired is not None:
+        opts.append(paired(make_params(shapes, dtype=dtype)))
     try:
-        return median_seconds(opt.step, steps, warmup), state_bytes(opt)
+        seconds = interleaved_median_seconds([o.step for o in opts], steps, warmup)
+        return seconds[0], state_bytes(opts[0]), seconds[1] if paired else None
     finally:  # free params, gradients and state before the next optimizer (gpt2: ~2 GB)
-        opt.state.clear()
-        del opt, params
+        for o in opts:
+            o.state.clear()
+        del opts
         gc.collect()
 
 
-def measure_row(cand: Candidate, workload: str, shapes: Sequence[Shape], args: argparse.Namespace) -> Row:
+def measure_row(
+    cand: Candidate, workload: str, shapes: Sequence[Shape], args: argparse.Namespace, baseline: Candidate | None
+) -> Row:
+    """``cand`` on ``workload``; with ``baseline``, its ratio from steps of the two timed in turns."""
     numel = sum(math.prod(s) for s in shapes)
     row = Row(cand.name, workload, numel, None, None, None, baseline="", notes=cand.notes)
     if cand.factory is None:
         return row
     try:
         dtype = WORKLOAD_DTYPES.get(workload, torch.float32)
-        seconds, nbytes = measure(cand.factory, shapes, args.steps, args.warmup, dtype=dtype)
+        paired = None if baseline is None else baseline.factory
+        seconds, nbytes, base_seconds = measure(cand.factory, shapes, args.steps, args.warmup, dtype, paired)
     except Exception as err:
         if cand.name.startswith("distopt"):
             raise  # distopt's own optimizers must run; a failure here is a bug to see
         row.notes = f"failed: {type(err).__name__}: {err}"
         return row
     row.ms_per_step, row.elements_per_s, row.state_bytes_per_param = seconds * 1e3, numel / seconds, nbytes / numel
+    if base_seconds is not None:
+        row.baseline, row.baseline_ms_paired, row.ratio_vs_baseline = (
+            baseline.name,
+            base_seconds * 1e3,
+            base_seconds / seconds,
+        )
     return row
 
 
-def attach_ratios(rows: list[Row], family_of: dict[str, str]) -> dict[str, str]:
-    """Fill ``baseline`` and ``ratio_vs_baseline``; return family -> baseline name."""
+def pick_baselines(rows: list[Row]) -> dict[str, str]:
+    """Family -> baseline name: torch's fused AdamW, the fastest torch SGD; "none" where unmeasured."""
     measured = {r.name: r for r in rows if r.elements_per_s}
     sgd = [measured[n] for n in SGD_BASELINES if n in measured]
     baselines = {"adamw": ADAMW_BASELINE if ADAMW_BASELINE in measured else "none"}
     baselines["sgd"] = max(sgd, key=lambda r: r.elements_per_s).name if sgd else "none"
-    for r in rows:
-        r.baseline = baselines[family_of[r.name]]
-        if r.name == r.baseline:
-            r.notes = "baseline"
-        if r.elements_per_s and r.baseline in measured:
-            r.ratio_vs_baseline = r.elements_per_s / measured[r.baseline].elements_per_s
     return baselines
 
 
 def run_workload(workload: str, chosen: list[Candidate], args: argparse.Namespace) -> list[Row]:
+    """The torch baselines alone first, to find the fastest SGD; then every other optimizer with
+    its family's baseline timed in turns beside it, so that each ratio comes from one stretch of
+    time (this kind of VM's speed drifts by up to 2x within a run)."""
     shapes = workload_shapes(workload, args.numel, args.scale, args.big_numel)
-    rows = [measure_row(c, workload, shapes, args) for c in chosen]
-    baselines = attach_ratios(rows, {c.name: c.family for c in chosen})
+    torch_names = {ADAMW_BASELINE, *SGD_BASELINES}
+    rows = [measure_row(c, workload, shapes, args, None) for c in chosen if c.name in torch_names]
+    baselines = pick_baselines(rows)
+    for r in rows:
+        r.baseline = baselines["adamw" if r.name == ADAMW_BASELINE else "sgd"]
+        if r.name == r.baseline:
+            r.notes, r.ratio_vs_baseline, r.baseline_ms_paired = "baseline", 1.0, r.ms_per_step
+    by_name = {c.name: c for c in chosen}
+    for c in chosen:
+        if c.name not in torch_names:
+            base = by_name.get(baselines[c.family])
+            rows.append(measure_row(c, workload, shapes, args, base))
+            rows[-1].baseline = baselines[c.family]
+    for r in rows:  # a torch SGD that is not the fastest: its ratio from the table's own times
+        if r.ratio_vs_baseline is None and r.elements_per_s and r.baseline in by_name and r.name in torch_names:
+            base = next(b for b in rows if b.name == r.baseline)
+            r.ratio_vs_baseline = r.elements_per_s / base.elements_per_s
     print_table(workload, shapes, rows, baselines, args)
     return rows
 
@@ -517,16 +547,17 @@ def print_table(
     dtype = str(WORKLOAD_DTYPES.get(workload, torch.float32)).removeprefix("torch.")
     print(f"\n== workload {workload}: {len(shapes)} {dtype} tensor(s), {numel:,} elements; "
           f"median of {args.steps} timed steps after {args.warmup} warm-up ==")  # fmt: skip
-    print(f"ratio = throughput / baseline throughput, both measured in this run (> 1: faster). "
-          f"AdamW rows vs {baselines['adamw']}; SGD rows vs {baselines['sgd']} "
-          f"(fastest of {', '.join(SGD_BASELINES)}; momentum 0.9)")  # fmt: skip
+    print(f"ratio = baseline's ms/step / the row's (> 1: faster), the two optimizers' steps timed in turns "
+          f"('base ms': the baseline's in that pair). AdamW rows vs {baselines['adamw']}; SGD rows vs "
+          f"{baselines['sgd']} (fastest of {', '.join(SGD_BASELINES)}, each alone; momentum 0.9)")  # fmt: skip
     width = max(len("optimizer"), *(len(r.name) for r in rows))
-    print(f"{'optimizer':<{width}}  {'ms/step':>9}  {'G elem/s':>8}  {'state B/elem':>12}  {'vs baseline':>11}  notes")
+    print(f"{'optimizer':<{width}}  {'ms/step':>9}  {'G elem/s':>8}  {'state B/elem':>12}  {'base ms':>9}  "
+          f"{'vs baseline':>11}  notes")  # fmt: skip
     for r in rows:
         gelems = None if r.elements_per_s is None else r.elements_per_s / 1e9
         print(f"{r.name:<{width}}  {_fmt(r.ms_per_step, '9.2f'):>9}  {_fmt(gelems, '8.3f'):>8}  "
-              f"{_fmt(r.state_bytes_per_param, '12.3f'):>12}  {_fmt(r.ratio_vs_baseline, '.3f', 'x'):>11}  "
-              f"{r.notes}".rstrip())  # fmt: skip
+              f"{_fmt(r.state_bytes_per_param, '12.3f'):>12}  {_fmt(r.baseline_ms_paired, '9.2f'):>9}  "
+              f"{_fmt(r.ratio_vs_baseline, '.3f', 'x'):>11}  {r.notes}".rstrip())  # fmt: skip
 
 
 def print_bandwidth(probes: list[Probe], bw: list[Bandwidth]) -> None:

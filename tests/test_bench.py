@@ -10,6 +10,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from distopt import bench
 
@@ -23,6 +24,7 @@ ROW_KEYS = {
     "state_bytes_per_param",
     "baseline",
     "ratio_vs_baseline",
+    "baseline_ms_paired",
     "notes",
 }
 TINY = ["--steps", "1", "--warmup", "1", "--threads", "1"]
@@ -55,6 +57,9 @@ def test_every_distopt_row_has_throughput_and_a_ratio_against_a_torch_baseline(r
     for name in DISTOPT:
         r = rows[name]
         assert r["elements_per_s"] > 0 and r["ms_per_step"] > 0 and r["ratio_vs_baseline"] > 0
+        # the ratio comes from the baseline timed in turns beside this row, not from the baseline's row
+        assert r["baseline_ms_paired"] > 0
+        assert r["ratio_vs_baseline"] == pytest.approx(r["baseline_ms_paired"] / r["ms_per_step"])
         assert r["baseline"] in ("torch AdamW fused", *bench.SGD_BASELINES)
         assert r["baseline"].startswith("torch AdamW" if "AdamW" in name else "torch SGD")
         assert r["numel"] == (262144 if workload == "single" else sum(map(math.prod, bench.gpt2_shapes(0.05))))
@@ -147,6 +152,25 @@ def test_interleaved_timing_alternates_the_order_and_prepares_each_call(monkeypa
     warm, timed = calls[:4], calls[4:]
     assert warm == ["set a", "a", "set b", "b"]
     assert timed == ["set a", "a", "set b", "b", "set b", "b", "set a", "a", "set a", "a", "set b", "b"]
+
+
+def test_a_row_and_its_baseline_step_in_turns_on_their_own_parameters():
+    log: list[tuple[str, int]] = []
+
+    class Logging(torch.optim.SGD):
+        def __init__(self, params, name):
+            super().__init__(params, lr=0.1)
+            self.name = name
+
+        def step(self):
+            log.append((self.name, id(self.param_groups[0]["params"][0])))
+
+    seconds, _, base_seconds = bench.measure(
+        lambda ps: Logging(ps, "row"), [(4, 4)], steps=2, warmup=1, paired=lambda ps: Logging(ps, "base")
+    )
+    assert [name for name, _ in log] == ["row", "base", "row", "base", "base", "row"]
+    assert len({pid for _, pid in log}) == 2  # each on its own parameters
+    assert seconds > 0 and base_seconds > 0
 
 
 def test_thread_scaling_at_one_and_two_threads(report):
