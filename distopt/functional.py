@@ -476,14 +476,37 @@ def percentile_scale(history: torch.Tensor, gnorm_sq: torch.Tensor, step: int, p
     ``current = sqrt(history[step % 100])``, ``clip = sqrt(sorted(history)[percentile])``,
     and the scale is ``clip / current`` when ``current > clip``, else 1.
     """
-    if step == 1:
-        history.copy_(gnorm_sq.expand_as(history))
-    else:
+    return percentile_scales([history], [gnorm_sq], [step], [percentile])[0]
+
+
+def percentile_scales(
+    histories: list[torch.Tensor], gnorm_sqs: list[torch.Tensor], steps: list[int], percentiles: list[int]
+) -> list[torch.Tensor]:
+    """:func:`percentile_scale` for many parameters at once, with a few tensor ops per device
+    instead of a dozen per parameter (148 GPT-2 tensors: about 11 ms of Python a step on
+    one at a time). Each parameter's history, scale and bits are what it alone would give:
+    the ops work row by row (a sort along the row, elementwise sqrt and division)."""
+    scales: list[torch.Tensor | None] = [None] * len(histories)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, h in enumerate(histories):
+        by_device.setdefault(h.device, []).append(i)
+    for device, members in by_device.items():
+        old = torch.stack([histories[i] for i in members])  # [k, HISTORY]
+        norm = torch.stack([gnorm_sqs[i] for i in members]).to(old.dtype)[:, None]
+        row = torch.arange(len(members), device=device)
+        slot = torch.tensor([steps[i] % HISTORY for i in members], device=device)
+        rank = torch.tensor([percentiles[i] for i in members], device=device)
+        first = torch.tensor([steps[i] == 1 for i in members], device=device)
+        recorded = old.clone()
+        recorded[row, slot] = norm[:, 0]
         # A history of zeros (zero gradients so far) is seeded by the first non-zero
         # norm, so that a zero first gradient does not clip later ones to zero.
-        recorded = history.clone()
-        recorded[step % HISTORY] = gnorm_sq
-        history.copy_(torch.where(history.amax() > 0, recorded, gnorm_sq.expand_as(history)))
-    current = torch.sqrt(history[step % HISTORY])
-    clip = torch.sqrt(torch.sort(history).values[percentile])
-    return torch.where(current > clip, clip / current, torch.ones_like(current)).float()
+        seed = first | ~(old.amax(dim=1) > 0)
+        new = torch.where(seed[:, None], norm.expand_as(old), recorded)
+        torch._foreach_copy_([histories[i] for i in members], list(new.unbind(0)))
+        current = torch.sqrt(new[row, slot])
+        clip = torch.sqrt(torch.sort(new, dim=1).values[row, rank])
+        scale = torch.where(current > clip, clip / current, torch.ones_like(current)).float()
+        for i, value in zip(members, scale.unbind(0)):
+            scales[i] = value
+    return scales

@@ -322,3 +322,64 @@ def test_a_zero_first_gradient_does_not_clip_later_ones_to_zero(kernels_built, p
         run_steps(opt, [p], 5)
     assert opt.state[p]["gnorm_history"].min() > 0
     assert (p.detach() - before).abs().mean() > 1e-3  # it trains (about lr per step)
+
+
+def _percentile_scale_one_at_a_time(history, gnorm_sq, step, percentile):
+    """The per-parameter rule written out, as before it was batched (the oracle)."""
+    if step == 1:
+        history.copy_(gnorm_sq.expand_as(history))
+    else:
+        recorded = history.clone()
+        recorded[step % 100] = gnorm_sq
+        history.copy_(torch.where(history.amax() > 0, recorded, gnorm_sq.expand_as(history)))
+    current = torch.sqrt(history[step % 100])
+    clip = torch.sqrt(torch.sort(history).values[percentile])
+    return torch.where(current > clip, clip / current, torch.ones_like(current)).float()
+
+
+def test_batched_percentile_scales_equal_one_parameter_at_a_time():
+    from distopt import functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    cases = []  # (history, squared norm, step, percentile): fresh, zero, full, wrapped, mixed
+    for i, (step, percentile) in enumerate([(1, 95), (2, 5), (3, 50), (99, 1), (100, 99), (101, 95), (257, 5)]):
+        history = torch.rand(100, generator=gen, dtype=torch.float64) * 10 ** (i - 3)
+        if i in (1, 4):
+            history.zero_()  # zero gradients so far: seeded by this norm
+        norm = torch.rand((), generator=gen, dtype=torch.float64) * 10 ** (i - 2) * (0 if i == 5 else 1)
+        cases.append((history, norm, step, percentile))
+    ours = [h.clone() for h, *_ in cases]
+    scales = F.percentile_scales(ours, [n for _, n, *_ in cases], [c[2] for c in cases], [c[3] for c in cases])
+    for (history, norm, step, percentile), got_history, got in zip(cases, ours, scales):
+        want = _percentile_scale_one_at_a_time(history, norm, step, percentile)
+        assert torch.equal(got_history, history) and got.dtype == torch.float32
+        assert torch.equal(got, want), (step, percentile, got, want)
+    assert any(s < 1 for s in scales) and any(s == 1 for s in scales)  # both branches taken
+
+
+@pytest.mark.parametrize("path", ["fused", "reference"])
+def test_clipping_many_parameters_in_one_step_equals_one_optimizer_each(kernels_built, path):
+    """Groups of other percentiles, and a group added later (other step counts), clip each
+    parameter exactly as an optimizer of its own would."""
+    shapes = [(64, 256), (32, 128), (48, 256)]
+    together = make_params(shapes)
+    alone = [[p.detach().clone().requires_grad_()] for p in together]
+    settings = [{"percentile_clipping": 5}, {"percentile_clipping": 50}, {"percentile_clipping": 95}]
+    with backend(path):
+        opt = distopt.AdamW8bit([{"params": [together[0]], **settings[0]}, {"params": [together[1]], **settings[1]}],
+                                lr=1e-2, min_8bit_size=0)  # fmt: skip
+        opts = [distopt.AdamW8bit(ps, lr=1e-2, min_8bit_size=0, **kw) for ps, kw in zip(alone, settings)]
+        for step in range(8):
+            if step == 3:  # the third parameter joins later: its step count lags the others'
+                opt.add_param_group({"params": [together[2]], **settings[2]})
+            live = 3 if step >= 3 else 2
+            grads = make_grads(together, seed=100 + step)
+            for i in range(live):
+                together[i].grad = grads[i] * (1 + 10 * (step % 3 == 2))  # spikes to clip
+                alone[i][0].grad = together[i].grad.clone()
+            opt.step()
+            for o in opts[:live]:
+                o.step()
+    for i, p in enumerate(together):
+        assert torch.equal(p, alone[i][0]), i
+        assert torch.equal(opt.state[p]["gnorm_history"], opts[i].state[alone[i][0]]["gnorm_history"])

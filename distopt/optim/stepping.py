@@ -229,11 +229,14 @@ def set_gradient_scales(steps: list[ParamStep]) -> None:
         return
     local_rows = [F.row_sumsq(s.grad, fused=s.fused) for s in clipped]
     rows = collectives.sum_rows(local_rows, [s.shard for s in clipped])
-    for s, r in zip(clipped, rows):
-        first = "gnorm_history" in s.fresh
-        s.gnorm_scale = F.percentile_scale(
-            s.state["gnorm_history"], F.total_sumsq(r), 1 if first else s.step, s.group["percentile_clipping"]
-        )
+    scales = F.percentile_scales(
+        [s.state["gnorm_history"] for s in clipped],
+        [F.total_sumsq(r) for r in rows],
+        [1 if "gnorm_history" in s.fresh else s.step for s in clipped],
+        [s.group["percentile_clipping"] for s in clipped],
+    )
+    for s, scale in zip(clipped, scales):
+        s.gnorm_scale = scale
 
 
 def set_tensor_absmax(steps: list[ParamStep], new_absmax_fn, coefficients, pager=None, paged_tensors=None) -> None:
