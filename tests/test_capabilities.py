@@ -10,7 +10,8 @@ subnormal and zero blocks (the division fallback and the zero absmax), SGD with
 dampening 1, whose buffer can turn NaN (0 * inf) while its block's absmax stays finite,
 NaN parameters with payloads (fp16's is made canonical in every build), rows of 21
 elements (8-lane chunks and a tail of 5), and steps taken while the calling thread
-flushes subnormals (torch.set_flush_denormal: the kernels compute without it).
+flushes subnormals (torch.set_flush_denormal: the kernels compute without it). The
+percentile-clipping row sums are compared on their own too, for rows of 1 to 25 elements.
 """
 
 from __future__ import annotations
@@ -99,6 +100,13 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
                 value = opt.state[p][key]
                 if torch.is_tensor(value):
                     digest.update(value.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+# the clipping norm's row sums on their own: every tail length, non-finite lanes in it
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for n in range(1, 26):
+        g = torch.randn(3, n, generator=torch.Generator().manual_seed(n)) * 1e3
+        g[1, n - 1], g[2, n // 2] = float("inf"), float("nan")
+        sums = distopt.functional.row_sumsq(g.to(dtype), fused=True)
+        digest.update(sums.numpy().tobytes())
 print("digest:", digest.hexdigest())
 """
 

@@ -298,19 +298,24 @@ void encode_states(const float* const* x, int64_t n, const float* absmax, const 
 }
 
 // kernels.cpp's row_sumsq lanes for one row: element i goes to lane i % 8, in order;
-// non-finite and masked lanes add +0.0 (the same bits as the scalar loop).
+// non-finite and masked lanes add +0.0 (the same bits as the scalar loop). Whole chunks
+// take no mask and clear their non-finite lanes without leaving the vector registers.
 template <typename P>
 void row_sumsq_lanes(const P* row, int64_t row_length, double* lane) {
   __m256d acc_low = _mm256_setzero_pd(), acc_high = _mm256_setzero_pd();
-  for (int64_t i = 0; i < row_length; i += kLanes) {
-    const Mask m = lanes(row_length - i);
-    const __m256 raw = load(row + i, m);
-    const __m256 x = keep(m & ~nonfinite(raw, m), V8{raw}).v;
+  const __m256i exponent = _mm256_set1_epi32(0x7f800000);
+  const auto add = [&](__m256 raw) {
+    const __m256i bits = _mm256_castps_si256(raw);
+    const __m256 nonfinite = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(bits, exponent), exponent));
+    const __m256 x = _mm256_andnot_ps(nonfinite, raw);
     const __m256d low = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
     const __m256d high = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
     acc_low = _mm256_add_pd(acc_low, _mm256_mul_pd(low, low));
     acc_high = _mm256_add_pd(acc_high, _mm256_mul_pd(high, high));
-  }
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= row_length; i += kLanes) add(load(row + i, kAll));
+  if (i < row_length) add(load(row + i, lanes(row_length - i)));  // lanes past the end load as 0
   _mm256_storeu_pd(lane, acc_low);
   _mm256_storeu_pd(lane + 4, acc_high);
 }
