@@ -52,7 +52,7 @@ def plot(result: Mapping, path: str) -> None:
     ax.axhline(1.0, color="black", linewidth=0.8, label="torch baseline (1.0)")
     ax.set_yscale("log")
     ax.set_xticks(range(len(workloads)), workloads)
-    ax.set_ylabel("throughput / torch baseline (same run)")
+    ax.set_ylabel("throughput / torch baseline (timed in turns)")
     ax.set_title("Step throughput vs torch fused AdamW / fastest torch SGD")
     ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.07))
 
