@@ -487,10 +487,10 @@ def percentile_scales(
     one at a time). Each parameter's history, scale and bits are what it alone would give:
     the ops work row by row (a sort along the row, elementwise sqrt and division)."""
     scales: list[torch.Tensor | None] = [None] * len(histories)
-    by_device: dict[torch.device, list[int]] = {}
+    batches: dict[tuple[torch.device, torch.dtype], list[int]] = {}  # stacking must not promote
     for i, h in enumerate(histories):
-        by_device.setdefault(h.device, []).append(i)
-    for device, members in by_device.items():
+        batches.setdefault((h.device, h.dtype), []).append(i)
+    for (device, _), members in batches.items():
         old = torch.stack([histories[i] for i in members])  # [k, HISTORY]
         norm = torch.stack([gnorm_sqs[i] for i in members]).to(old.dtype)[:, None]
         row = torch.arange(len(members), device=device)
