@@ -281,14 +281,8 @@ def make_params(shapes: Sequence[Shape], seed: int = 0, dtype: torch.dtype = tor
 
 
 def median_seconds(fn: Callable[[], object], steps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds of ``fn`` after ``warmup`` untimed calls."""
+    return interleaved_median_seconds([fn], steps, warmup)[0]
 
 
 def interleaved_median_seconds(
@@ -381,23 +375,21 @@ def run_workload(workload: str, chosen: list[Candidate], args: argparse.Namespac
     its family's baseline timed in turns beside it, so that each ratio comes from one stretch of
     time (this kind of VM's speed drifts by up to 2x within a run)."""
     shapes = workload_shapes(workload, args.numel, args.scale, args.big_numel)
+    by_name = {c.name: c for c in chosen}
     torch_names = {ADAMW_BASELINE, *SGD_BASELINES}
     rows = [measure_row(c, workload, shapes, args, None) for c in chosen if c.name in torch_names]
     baselines = pick_baselines(rows)
+    measured = {r.name: r for r in rows if r.elements_per_s}
     for r in rows:
-        r.baseline = baselines["adamw" if r.name == ADAMW_BASELINE else "sgd"]
+        r.baseline = baselines[by_name[r.name].family]
         if r.name == r.baseline:
             r.notes, r.ratio_vs_baseline, r.baseline_ms_paired = "baseline", 1.0, r.ms_per_step
-    by_name = {c.name: c for c in chosen}
+        elif r.name in measured and r.baseline in measured:  # a slower torch SGD: against the baseline's row
+            r.ratio_vs_baseline = r.elements_per_s / measured[r.baseline].elements_per_s
     for c in chosen:
         if c.name not in torch_names:
-            base = by_name.get(baselines[c.family])
-            rows.append(measure_row(c, workload, shapes, args, base))
+            rows.append(measure_row(c, workload, shapes, args, by_name.get(baselines[c.family])))
             rows[-1].baseline = baselines[c.family]
-    for r in rows:  # a torch SGD that is not the fastest: its ratio from the table's own times
-        if r.ratio_vs_baseline is None and r.elements_per_s and r.baseline in by_name and r.name in torch_names:
-            base = next(b for b in rows if b.name == r.baseline)
-            r.ratio_vs_baseline = r.elements_per_s / base.elements_per_s
     print_table(workload, shapes, rows, baselines, args)
     return rows
 

@@ -469,23 +469,20 @@ def total_sumsq(rows: torch.Tensor) -> torch.Tensor:
     return rows.double().cumsum(0)[-1]
 
 
-def percentile_scale(history: torch.Tensor, gnorm_sq: torch.Tensor, step: int, percentile: int) -> torch.Tensor:
-    """Record ``gnorm_sq`` for ``step`` (1-based) and return the gradient scale.
-
-    ``history`` holds the last 100 squared norms (all slots take the first non-zero one);
-    ``current = sqrt(history[step % 100])``, ``clip = sqrt(sorted(history)[percentile])``,
-    and the scale is ``clip / current`` when ``current > clip``, else 1.
-    """
-    return percentile_scales([history], [gnorm_sq], [step], [percentile])[0]
-
-
 def percentile_scales(
     histories: list[torch.Tensor], gnorm_sqs: list[torch.Tensor], steps: list[int], percentiles: list[int]
 ) -> list[torch.Tensor]:
-    """:func:`percentile_scale` for many parameters at once, with a few tensor ops per device
-    instead of a dozen per parameter (148 GPT-2 tensors: about 11 ms of Python a step on
-    one at a time). Each parameter's history, scale and bits are what it alone would give:
-    the ops work row by row (a sort along the row, elementwise sqrt and division)."""
+    """Record each parameter's ``gnorm_sqs[i]`` for ``steps[i]`` (1-based) and return its
+    gradient scale (0-d fp32).
+
+    ``histories[i]`` holds the last 100 squared norms (all slots take the first non-zero one);
+    ``current = sqrt(history[step % 100])``, ``clip = sqrt(sorted(history)[percentile])``,
+    and the scale is ``clip / current`` when ``current > clip``, else 1.
+
+    All parameters at once, a few tensor ops per device and dtype instead of a dozen per
+    parameter (148 GPT-2 tensors: about 11 ms of Python a step one at a time). Each
+    parameter's history, scale and bits are what it alone would give: the ops work row by
+    row (a sort along the row, elementwise sqrt and division)."""
     scales: list[torch.Tensor | None] = [None] * len(histories)
     batches: dict[tuple[torch.device, torch.dtype], list[int]] = {}  # stacking must not promote
     for i, h in enumerate(histories):
